@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test: unit, integration, conformance and end to end (real
+# containerd, registry and FUSE). Needs root.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+./scripts/deps.sh
+cargo test --all-targets -- --test-threads=2
