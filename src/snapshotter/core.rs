@@ -163,10 +163,10 @@ impl Snapshotter {
         let _g = self.lock_dirs();
         let tmp = self.layout.make_temp()?;
         self.crash_here(CrashPoint::CreateAfterTempDir)?;
-        let mut placed = false;
+        let mut placed = None;
         let result = self.store.create(kind, key, parent, labels, |id| {
             self.layout.place(&tmp, id)?;
-            placed = true;
+            placed = Some(id);
             self.crash_here(CrashPoint::CreateBeforeCommit)
         });
         match result {
@@ -179,9 +179,9 @@ impl Snapshotter {
                     return Err(e);
                 }
                 // The transaction did not commit: undo the directory.
-                let _ = overlay::delete_tree(&tmp);
-                if placed {
-                    tracing::warn!(error = %e, "snapshot creation failed after rename; removing its directory");
+                let dir = placed.map_or(tmp, |id| self.layout.dir(id));
+                if let Err(de) = overlay::delete_tree(&dir) {
+                    tracing::warn!(error = %de, "cannot delete directory of failed snapshot; Cleanup will");
                 }
                 Err(e)
             }

@@ -35,6 +35,8 @@ pub mod metadata;
 pub mod overlay;
 pub mod remote;
 pub mod service;
+#[cfg(test)]
+mod tests;
 
 use std::future::Future;
 use std::io;
