@@ -360,6 +360,17 @@ async fn overlay_contents_usage_and_status_codes() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 
+    // Small footprint: main + workers + a bounded blocking pool.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let threads: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(threads <= 8, "{threads} threads");
+
     // Graceful shutdown removes the socket.
     drop(c);
     assert!(daemon.terminate(), "clean exit on SIGTERM");
