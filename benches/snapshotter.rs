@@ -212,6 +212,15 @@ async fn main() {
         println!("{r}");
     }
     println!();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "load average during the run: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!();
     println!("| daemon | VmRSS | Threads |");
     println!("|---|---|---|");
     println!("| idle at start | {} kB | {} |", rss0, thr0);
@@ -220,7 +229,9 @@ async fn main() {
         after_load.0, after_load.1
     );
     println!("| idle after load (12 s) | {} kB | {} |", rss1, thr1);
+    // Let the runtime close the connection, or shutdown waits for it.
     drop(c);
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,

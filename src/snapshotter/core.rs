@@ -68,6 +68,17 @@ pub enum CrashPoint {
     RemoveAfterRetire,
 }
 
+impl CrashPoint {
+    fn name(self) -> &'static str {
+        match self {
+            CrashPoint::CreateAfterTempDir => "create: after temp dir",
+            CrashPoint::CreateBeforeCommit => "create: before commit",
+            CrashPoint::RemoveAfterCommit => "remove: after commit",
+            CrashPoint::RemoveAfterRetire => "remove: after retire",
+        }
+    }
+}
+
 /// The snapshotter. Share it as `Arc<Snapshotter>`.
 pub struct Snapshotter {
     root: PathBuf,
@@ -138,7 +149,7 @@ impl Snapshotter {
         let mut at = self.crash_at.lock().unwrap_or_else(|p| p.into_inner());
         if *at == Some(point) {
             *at = None;
-            return Err(Error::Internal(format!("simulated crash at {point:?}")));
+            return Err(Error::SimulatedCrash(point.name()));
         }
         Ok(())
     }
@@ -175,7 +186,7 @@ impl Snapshotter {
                 Ok((r, m))
             }
             Err(e) => {
-                if matches!(&e, Error::Internal(m) if m.starts_with("simulated crash")) {
+                if matches!(e, Error::SimulatedCrash(_)) {
                     return Err(e);
                 }
                 // The transaction did not commit: undo the directory.

@@ -55,7 +55,7 @@ fn crash_at_every_step_leaves_a_consistent_store() {
         let e = sn
             .create(Kind::Active, "lost", "base", BTreeMap::new())
             .unwrap_err();
-        assert!(matches!(e, Error::Internal(_)), "{e}");
+        assert!(matches!(e, Error::SimulatedCrash(_)), "{e}");
         // The crash left debris but never a record without its directory.
         assert!(sn.stat("lost").is_err());
         sn = reopen(root, sn);
