@@ -309,13 +309,28 @@ impl Snapshotter {
         let debris = {
             let _g = self.lock_dirs();
             let live = self.store.ids()?;
-            self.layout.debris(&live)?
+            let mut debris = self.layout.debris(&live)?;
+            // An orphan `<id>` could be reused by the next create as soon
+            // as the lock is released: move it aside while still holding it.
+            for path in &mut debris {
+                if let Some(aside) = self.layout.set_aside(path)? {
+                    *path = aside;
+                }
+            }
+            debris
         };
+        let mut deleted = 0;
         for path in &debris {
             tracing::debug!(path = %path.display(), "deleting orphan snapshot directory");
-            overlay::delete_tree(path)?;
+            match overlay::delete_tree(path) {
+                Ok(()) => deleted += 1,
+                // A concurrent Remove may be deleting the same `rm-*`.
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot delete orphan")
+                }
+            }
         }
-        Ok(debris.len())
+        Ok(deleted)
     }
 
     /// Every record, with its name; for consistency checks.
