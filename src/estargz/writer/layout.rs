@@ -95,10 +95,14 @@ impl Producer<'_> {
         match item {
             Item::Input(e) => {
                 self.read_into_cur(e.header_pos, e.header_len)?;
-                let entry = entry_from_input(&e, &mut self.owners);
+                let mut entry = entry_from_input(&e, &mut self.owners);
                 if e.kind == EntryType::Reg && e.size > 0 {
                     self.payload(entry, e.data_pos, e.size, false)
                 } else {
+                    if e.kind == EntryType::Reg {
+                        // Empty files still carry a digest, as upstream writes.
+                        entry.digest = format!("sha256:{}", hex::encode(Sha256::digest(b"")));
+                    }
                     self.laid.entries.push(entry);
                     Ok(())
                 }
