@@ -63,7 +63,10 @@ fn roundtrip_and_toc_fields() {
     // Owner names appear once per id, on the first entry carrying them.
     let dir = find(&toc, "dir/");
     assert_eq!(dir.kind, EntryType::Dir);
-    assert_eq!((dir.user_name.as_str(), dir.group_name.as_str()), ("alice", "staff"));
+    assert_eq!(
+        (dir.user_name.as_str(), dir.group_name.as_str()),
+        ("alice", "staff")
+    );
     assert_eq!(hello.user_name, "");
 
     assert_eq!(find(&toc, "dir/attr").xattrs["user.k"].0, b"v\x00\xff");
@@ -71,13 +74,25 @@ fn roundtrip_and_toc_fields() {
     assert_eq!((empty.size, empty.offset), (0, 0));
     assert_eq!(empty.digest, sha(b""));
     let sym = find(&toc, "dir/sym");
-    assert_eq!((sym.kind, sym.link_name.as_str()), (EntryType::Symlink, "hello.txt"));
+    assert_eq!(
+        (sym.kind, sym.link_name.as_str()),
+        (EntryType::Symlink, "hello.txt")
+    );
     let hard = find(&toc, "dir/hard");
-    assert_eq!((hard.kind, hard.link_name.as_str()), (EntryType::Hardlink, "dir/hello.txt"));
+    assert_eq!(
+        (hard.kind, hard.link_name.as_str()),
+        (EntryType::Hardlink, "dir/hello.txt")
+    );
     let null = find(&toc, "dev/null");
-    assert_eq!((null.kind, null.dev_major, null.dev_minor), (EntryType::Char, 1, 3));
+    assert_eq!(
+        (null.kind, null.dev_major, null.dev_minor),
+        (EntryType::Char, 1, 3)
+    );
     let sda = find(&toc, "dev/sda");
-    assert_eq!((sda.kind, sda.dev_major, sda.dev_minor), (EntryType::Block, 8, 0));
+    assert_eq!(
+        (sda.kind, sda.dev_major, sda.dev_minor),
+        (EntryType::Block, 8, 0)
+    );
     assert_eq!(find(&toc, "dev/fifo").kind, EntryType::Fifo);
     let long = format!("dir/{}/file.txt", "x".repeat(120));
     assert_eq!(find(&toc, &long).digest, sha(&noise(3000, 1)));
@@ -117,14 +132,22 @@ fn chunking_at_boundaries() {
         let name = format!("f{i}");
         let pos = toc.iter().position(|e| e.name == name).unwrap();
         let pieces: Vec<&JsonEntry> = std::iter::once(&toc[pos])
-            .chain(toc[pos + 1..].iter().take_while(|e| e.kind == EntryType::Chunk))
+            .chain(
+                toc[pos + 1..]
+                    .iter()
+                    .take_while(|e| e.kind == EntryType::Chunk),
+            )
             .collect();
         let want_pieces = s.div_ceil(cs).max(1);
         assert_eq!(pieces.len(), want_pieces, "{name} of {s} bytes");
         for (k, p) in pieces.iter().enumerate() {
             assert_eq!(p.chunk_offset, (k * cs) as i64);
             let last = k + 1 == pieces.len();
-            assert_eq!(p.chunk_size, if last { 0 } else { cs as i64 }, "{name} piece {k}");
+            assert_eq!(
+                p.chunk_size,
+                if last { 0 } else { cs as i64 },
+                "{name} piece {k}"
+            );
             if *s > 0 {
                 assert!(p.offset > 0);
                 assert_eq!(p.inner_offset, 0);
@@ -211,7 +234,10 @@ fn prioritized_order_parents_and_hardlinks() {
     };
     let mut out = Vec::new();
     let err = writer::build(&input[..], &mut out, &missing).unwrap_err();
-    assert!(matches!(err, Error::PrioritizedNotFound(ref p) if p == "nope"), "{err}");
+    assert!(
+        matches!(err, Error::PrioritizedNotFound(ref p) if p == "nope"),
+        "{err}"
+    );
     let allowed = BuildOptions {
         allow_prioritized_not_found: true,
         ..missing
@@ -342,7 +368,11 @@ fn gzip_and_tar_cli_read_the_blob() {
         .arg(format!("gzip -dc '{}' | tar -tf -", p.display()))
         .output()
         .expect("run gzip | tar");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let listing = String::from_utf8(out.stdout).unwrap();
     assert!(listing.contains("dir/hello.txt\n"));
     assert!(listing.ends_with("stargz.index.json\n"));
@@ -372,6 +402,12 @@ fn cli_blob_build_json() {
     assert_eq!(v["toc_digest"], sha(&json).as_str());
     assert_eq!(
         names(&toc.entries)[..5],
-        ["dir/", "dir/hello.txt", "dev/", "dev/null", ".prefetch.landmark"]
+        [
+            "dir/",
+            "dir/hello.txt",
+            "dev/",
+            "dev/null",
+            ".prefetch.landmark"
+        ]
     );
 }

@@ -158,7 +158,10 @@ fn input_tar() -> Vec<u8> {
         .dir("usr/")
         .dir("usr/lib/");
     for i in 0..25 {
-        t = t.file(&format!("usr/lib/f{i}.so"), &noise(700 * i * i + 3, i as u64));
+        t = t.file(
+            &format!("usr/lib/f{i}.so"),
+            &noise(700 * i * i + 3, i as u64),
+        );
     }
     t.file("usr/lib/big.bin", &noise(300_000, 77)).finish()
 }

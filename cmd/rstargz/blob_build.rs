@@ -59,8 +59,8 @@ pub fn run(args: BuildArgs) -> anyhow::Result<()> {
     let res = if args.input.as_os_str() == "-" {
         writer::build(std::io::stdin().lock(), &mut out, &opts)
     } else {
-        let f = File::open(&args.input)
-            .with_context(|| format!("opening {}", args.input.display()))?;
+        let f =
+            File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
         writer::build_file(f, &mut out, &opts)
     }
     .context("building eStargz blob")?;

@@ -208,7 +208,13 @@ pub fn check_chunks(blob: &[u8], toc: &JsonToc) {
         .unwrap();
         let mut buf = vec![0u8; len as usize];
         d.read_exact(&mut buf).unwrap();
-        assert_eq!(sha(&buf), e.chunk_digest, "chunk of {} at {}", r.name, e.chunk_offset);
+        assert_eq!(
+            sha(&buf),
+            e.chunk_digest,
+            "chunk of {} at {}",
+            r.name,
+            e.chunk_offset
+        );
         h.update(&buf);
         *done += len;
     }

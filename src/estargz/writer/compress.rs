@@ -178,8 +178,11 @@ where
     })
 }
 
+/// One uncompressed member and its sequence number.
+type Job = (usize, Vec<u8>);
+
 fn worker(
-    rx: Arc<Mutex<Receiver<(usize, Vec<u8>)>>>,
+    rx: Arc<Mutex<Receiver<Job>>>,
     tx: SyncSender<(usize, Result<Vec<u8>>)>,
     backend: Backend,
     level: u32,
@@ -229,7 +232,9 @@ fn ordered_writer<W: Write>(
         }
     }
     if !pending.is_empty() {
-        return Err(Error::Io(std::io::Error::other("missing member in pipeline")));
+        return Err(Error::Io(std::io::Error::other(
+            "missing member in pipeline",
+        )));
     }
     Ok(wm)
 }

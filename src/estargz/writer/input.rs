@@ -47,8 +47,7 @@ pub(crate) fn spool<R: Read>(input: R) -> Result<File> {
     let mut file = tempfile::tempfile()?;
     if is_gzip {
         let mut dec = flate2::read::MultiGzDecoder::new(br);
-        io::copy(&mut dec, &mut file)
-            .map_err(|e| Error::InvalidTar(format!("gzip input: {e}")))?;
+        io::copy(&mut dec, &mut file).map_err(|e| Error::InvalidTar(format!("gzip input: {e}")))?;
     } else {
         io::copy(&mut br, &mut file)?;
     }
@@ -133,7 +132,7 @@ pub(crate) fn scan(spool: &mut File) -> Result<Vec<InputEntry>> {
         }
         let header_len = data_pos
             .checked_sub(header_pos)
-            .filter(|&l| l >= 512 && l <= MAX_HEADER_CHAIN)
+            .filter(|l| (512..=MAX_HEADER_CHAIN).contains(l))
             .ok_or_else(|| Error::InvalidTar(format!("bad header chain at {header_pos}")))?;
         prev_end =
             round_up_512(data_end).ok_or_else(|| Error::InvalidTar("size overflows".into()))?;
@@ -201,7 +200,10 @@ fn convert<R: Read>(
         e.dev_minor = i64::from(hdr.device_minor().map_err(tar_err)?.unwrap_or(0));
     }
     if matches!(kind, EntryType::Symlink | EntryType::Hardlink) {
-        let link = entry.link_name_bytes().map(|c| c.into_owned()).unwrap_or_default();
+        let link = entry
+            .link_name_bytes()
+            .map(|c| c.into_owned())
+            .unwrap_or_default();
         e.link_name = if kind == EntryType::Hardlink {
             normalize_name(&link)?
         } else {

@@ -29,8 +29,7 @@ pub(crate) fn order(
     let mut stream: Vec<Option<InputEntry>> = Vec::with_capacity(entries.len());
     let mut index: HashMap<String, usize> = HashMap::new();
     for e in entries {
-        if e.name == TOC_TAR_NAME || e.name == PREFETCH_LANDMARK || e.name == NO_PREFETCH_LANDMARK
-        {
+        if e.name == TOC_TAR_NAME || e.name == PREFETCH_LANDMARK || e.name == NO_PREFETCH_LANDMARK {
             continue;
         }
         if let Some(old) = index.insert(e.name.clone(), stream.len()) {
