@@ -44,8 +44,8 @@ impl Backend {
 
 /// A reusable compressor producing complete gzip members.
 pub struct MemberCompressor {
-    backend: Backend,
     level: u32,
+    /// Set for [`Backend::Libdeflate`]; `None` means flate2.
     libdeflate: Option<libdeflater::Compressor>,
 }
 
@@ -67,36 +67,30 @@ impl MemberCompressor {
             }
             Backend::Flate2 => None,
         };
-        Ok(MemberCompressor {
-            backend,
-            level,
-            libdeflate,
-        })
+        Ok(MemberCompressor { level, libdeflate })
     }
 
     /// Compresses `data` into one gzip member (header, deflate, CRC, size).
     pub fn compress(&mut self, data: &[u8]) -> Result<Vec<u8>> {
-        match (&mut self.libdeflate, self.backend) {
-            (Some(c), _) => {
-                let bound = c.gzip_compress_bound(data.len());
-                let mut out = vec![0u8; bound];
-                let n = c
-                    .gzip_compress(data, &mut out)
-                    .map_err(|e| Error::Io(std::io::Error::other(format!("libdeflate: {e:?}"))))?;
-                out.truncate(n);
-                Ok(out)
-            }
-            (None, _) => {
-                let out = Vec::with_capacity(data.len() / 2 + 64);
-                let mut enc = flate2::GzBuilder::new()
-                    .operating_system(255)
-                    .write(out, flate2::Compression::new(self.level));
-                enc.write_all(data)?;
-                Ok(enc.finish()?)
-            }
+        if let Some(c) = &mut self.libdeflate {
+            let mut out = vec![0u8; c.gzip_compress_bound(data.len())];
+            let n = c
+                .gzip_compress(data, &mut out)
+                .map_err(|e| Error::Io(std::io::Error::other(format!("libdeflate: {e:?}"))))?;
+            out.truncate(n);
+            return Ok(out);
         }
+        let out = Vec::with_capacity(data.len() / 2 + 64);
+        let mut enc = flate2::GzBuilder::new()
+            .operating_system(255)
+            .write(out, flate2::Compression::new(self.level));
+        enc.write_all(data)?;
+        Ok(enc.finish()?)
     }
 }
+
+/// One uncompressed member and its sequence number.
+type Job = (usize, Vec<u8>);
 
 /// What the ordered writer reports once every data member is out.
 pub(crate) struct WrittenMembers {
@@ -110,7 +104,9 @@ pub(crate) struct WrittenMembers {
 
 /// Sends members (in sequence order) to the compression pool.
 pub(crate) struct Submitter {
-    tx: SyncSender<(usize, Vec<u8>)>,
+    tx: SyncSender<Job>,
+    /// One credit per member allowed in flight; the writer returns them.
+    credits: Receiver<()>,
     next: usize,
 }
 
@@ -118,6 +114,9 @@ impl Submitter {
     /// Queues one member; blocks while the bounded queue is full.
     pub fn submit(&mut self, data: Vec<u8>) -> Result<usize> {
         let seq = self.next;
+        self.credits
+            .recv()
+            .map_err(|_| Error::Io(std::io::Error::other("compression pipeline stopped")))?;
         self.tx
             .send((seq, data))
             .map_err(|_| Error::Io(std::io::Error::other("compression pipeline stopped")))?;
@@ -131,7 +130,8 @@ impl Submitter {
 
 /// Runs `produce` on this thread while `threads` workers compress the members
 /// it submits and one writer thread appends them to `out` in order. Memory is
-/// bounded: at most about `3 * threads + 2` members are alive at once.
+/// bounded by credits: at most `2 * threads + 2` members (queued, being
+/// compressed, or waiting for an earlier one) are alive at once.
 pub(crate) fn run_pipeline<W, T, F>(
     threads: usize,
     backend: Backend,
@@ -146,8 +146,15 @@ where
     let threads = threads.max(1);
     // Validate the level before any thread starts.
     MemberCompressor::new(backend, level)?;
-    let (job_tx, job_rx) = sync_channel::<(usize, Vec<u8>)>(threads);
-    let (res_tx, res_rx) = sync_channel::<(usize, Result<Vec<u8>>)>(threads.saturating_mul(2));
+    let in_flight = threads.saturating_mul(2).saturating_add(2);
+    let (job_tx, job_rx) = sync_channel::<Job>(in_flight);
+    let (res_tx, res_rx) = sync_channel::<(usize, Result<Vec<u8>>)>(in_flight);
+    let (credit_tx, credit_rx) = sync_channel::<()>(in_flight);
+    for _ in 0..in_flight {
+        credit_tx
+            .send(())
+            .map_err(|_| Error::Io(std::io::Error::other("credit channel closed")))?;
+    }
     let job_rx = Arc::new(Mutex::new(job_rx));
 
     std::thread::scope(|s| {
@@ -157,9 +164,10 @@ where
             s.spawn(move || worker(rx, tx, backend, level));
         }
         drop(res_tx);
-        let writer = s.spawn(move || ordered_writer(res_rx, out));
+        let writer = s.spawn(move || ordered_writer(res_rx, credit_tx, out));
         let mut submitter = Submitter {
             tx: job_tx,
+            credits: credit_rx,
             next: 0,
         };
         let produced = produce(&mut submitter);
@@ -177,9 +185,6 @@ where
         Ok((produced, written))
     })
 }
-
-/// One uncompressed member and its sequence number.
-type Job = (usize, Vec<u8>);
 
 fn worker(
     rx: Arc<Mutex<Receiver<Job>>>,
@@ -210,6 +215,7 @@ fn worker(
 
 fn ordered_writer<W: Write>(
     rx: Receiver<(usize, Result<Vec<u8>>)>,
+    credits: SyncSender<()>,
     out: &mut W,
 ) -> Result<WrittenMembers> {
     let mut pending: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
@@ -229,6 +235,8 @@ fn ordered_writer<W: Write>(
                 .written
                 .checked_add(member.len() as u64)
                 .ok_or_else(|| Error::InvalidOption("output too large".into()))?;
+            // The producer may have finished and dropped its end; fine.
+            let _ = credits.send(());
         }
     }
     if !pending.is_empty() {
@@ -261,6 +269,13 @@ mod tests {
             assert_eq!(&m[..3], &[0x1f, 0x8b, 8]);
             assert_eq!(gunzip(&m), data);
             assert_eq!(gunzip(&c.compress(&[]).unwrap()), b"");
+        }
+        for level in [0, 1, 12] {
+            let m = MemberCompressor::new(Backend::Libdeflate, level)
+                .unwrap()
+                .compress(&data)
+                .unwrap();
+            assert_eq!(gunzip(&m), data);
         }
         assert!(MemberCompressor::new(Backend::Flate2, 10).is_err());
         assert!(MemberCompressor::new(Backend::Libdeflate, 13).is_err());

@@ -46,6 +46,7 @@ pub(crate) fn order(
             stream: &mut stream,
             index: &index,
             moved: HashSet::new(),
+            linking: HashSet::new(),
             out: &mut out,
         };
         for p in prioritized {
@@ -73,17 +74,23 @@ struct Mover<'a> {
     stream: &'a mut Vec<Option<InputEntry>>,
     index: &'a HashMap<String, usize>,
     moved: HashSet<String>,
+    /// Hardlinks whose target is being moved, to detect loops.
+    linking: HashSet<String>,
     out: &'a mut Vec<Item>,
 }
+
+/// Deepest recursion of parents plus hardlink targets (PATH_MAX / 2 would be
+/// 2048 components; real layers are far shallower).
+const MAX_DEPTH: usize = 256;
 
 impl Mover<'_> {
     /// Moves `name` after its parents (and, for a hardlink, its target).
     fn move_rec(&mut self, name: &str, missing: Missing, depth: usize) -> Result<()> {
-        // Hardlink chains could loop; parents are bounded by the name length.
-        if depth > 4096 {
+        // Bounds recursion (parents + hardlink chains) on hostile input.
+        if depth > MAX_DEPTH {
             return Err(Error::InvalidEntry {
                 name: name.to_string(),
-                reason: "hardlink chain too deep".into(),
+                reason: "path or hardlink chain too deep".into(),
             });
         }
         let slot = self.index.get(name).copied();
@@ -121,7 +128,14 @@ impl Mover<'_> {
             .filter(|e| e.kind == EntryType::Hardlink)
             .map(|e| e.link_name.clone());
         if let Some(target) = link {
+            if !self.linking.insert(name.to_string()) {
+                return Err(Error::InvalidEntry {
+                    name: name.to_string(),
+                    reason: "hardlink loop".into(),
+                });
+            }
             self.move_rec(&target, Missing::BadLink, depth + 1)?;
+            self.linking.remove(name);
         }
         if self.stream[i].is_some() {
             self.take(i);
@@ -134,5 +148,85 @@ impl Mover<'_> {
             self.moved.insert(e.name.clone());
             self.out.push(Item::Input(e));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn ent(name: &str, kind: EntryType, link: &str) -> InputEntry {
+        InputEntry {
+            name: name.into(),
+            kind,
+            header_pos: 0,
+            header_len: 512,
+            data_pos: 512,
+            size: 0,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            uname: String::new(),
+            gname: String::new(),
+            mtime: 0,
+            link_name: link.into(),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: BTreeMap::new(),
+        }
+    }
+
+    fn names(items: &[Item]) -> Vec<String> {
+        items
+            .iter()
+            .map(|i| match i {
+                Item::Input(e) => e.name.clone(),
+                Item::SynthDir(n) => format!("+{n}"),
+                Item::Landmark(n) => n.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn root_entry_moves_with_first_prioritized_file() {
+        let v = vec![
+            ent("", EntryType::Dir, ""),
+            ent("b", EntryType::Reg, ""),
+            ent("a/f", EntryType::Reg, ""),
+        ];
+        let out = order(v, &["a/f".into(), "a/f".into()], false).unwrap();
+        assert_eq!(names(&out), ["", "+a", "a/f", PREFETCH_LANDMARK, "b"]);
+    }
+
+    #[test]
+    fn hardlink_loops_are_errors_not_overflows() {
+        let v = vec![
+            ent("x", EntryType::Hardlink, "y"),
+            ent("y", EntryType::Hardlink, "x"),
+        ];
+        assert!(matches!(
+            order(v, &["x".into()], false),
+            Err(Error::InvalidEntry { .. })
+        ));
+        let deep = vec!["d"; 300].join("/");
+        let v = vec![ent(&deep, EntryType::Reg, "")];
+        assert!(matches!(
+            order(v, &[deep.clone()], false),
+            Err(Error::InvalidEntry { .. })
+        ));
+        let v = vec![ent("x", EntryType::Hardlink, "gone")];
+        assert!(matches!(
+            order(v, &["x".into()], true),
+            Err(Error::InvalidEntry { .. })
+        ));
+    }
+
+    #[test]
+    fn no_prioritized_puts_landmark_first() {
+        let v = vec![ent("a", EntryType::Reg, ""), ent("a", EntryType::Dir, "")];
+        let out = order(v, &[], false).unwrap();
+        assert_eq!(names(&out), [NO_PREFETCH_LANDMARK, "a"]);
+        assert!(matches!(&out[1], Item::Input(e) if e.kind == EntryType::Dir));
     }
 }
