@@ -212,7 +212,7 @@ mod tests {
         let deep = vec!["d"; 300].join("/");
         let v = vec![ent(&deep, EntryType::Reg, "")];
         assert!(matches!(
-            order(v, &[deep.clone()], false),
+            order(v, std::slice::from_ref(&deep), false),
             Err(Error::InvalidEntry { .. })
         ));
         let v = vec![ent("x", EntryType::Hardlink, "gone")];
