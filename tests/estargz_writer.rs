@@ -351,6 +351,38 @@ fn hostile_inputs_are_typed_errors() {
 }
 
 #[test]
+fn pax_overrides_global_headers_and_odd_entries() {
+    let input = TarMaker::new()
+        .raw_entry(
+            tar::EntryType::XGlobalHeader,
+            b"global",
+            b"18 comment=hello\n",
+        )
+        .pax(&[
+            ("mtime", b"1600000000.7"),
+            ("uid", b"4242"),
+            ("uname", b"bob"),
+        ])
+        .file("p", b"pax")
+        // A hardlink header carrying data: copied through, not a payload.
+        .raw_entry(tar::EntryType::Link, b"h", b"odd data")
+        .file("after", b"after")
+        .finish();
+    let (blob, res) = build(&input, &opts());
+    let toc = check_blob(&blob, &res).entries;
+    assert_eq!(names(&toc), [".no.prefetch.landmark", "p", "h", "after"]);
+    let p = find(&toc, "p");
+    assert_eq!(p.modtime, "2020-09-13T12:26:41Z");
+    assert_eq!((p.uid, p.user_name.as_str()), (4242, "bob"));
+    let h = find(&toc, "h");
+    assert_eq!((h.kind, h.size, h.offset), (EntryType::Hardlink, 0, 0));
+    let got = tar_entries(&blob);
+    let after = got.iter().find(|e| e.0 == "after").unwrap();
+    assert_eq!(after.2, b"after");
+    assert_eq!(got.iter().find(|e| e.0 == "h").unwrap().2, b"odd data");
+}
+
+#[test]
 fn empty_input_gives_a_valid_blob() {
     let (blob, res) = build(&TarMaker::new().finish(), &opts());
     let toc = check_blob(&blob, &res).entries;

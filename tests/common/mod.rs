@@ -84,9 +84,22 @@ impl TarMaker {
         self.file(name, data)
     }
 
+    /// PAX records applying to the next entry.
+    pub fn pax(mut self, records: &[(&str, &[u8])]) -> Self {
+        self.b
+            .append_pax_extensions(records.iter().copied())
+            .unwrap();
+        self
+    }
+
     /// An entry whose name is written raw, bypassing the crate's checks.
-    pub fn raw_file(mut self, name: &[u8], data: &[u8]) -> Self {
-        let mut h = Self::header(tar::EntryType::Regular, 0o644, data.len() as u64);
+    pub fn raw_file(self, name: &[u8], data: &[u8]) -> Self {
+        self.raw_entry(tar::EntryType::Regular, name, data)
+    }
+
+    /// Any entry type, raw name, with `data` after the header.
+    pub fn raw_entry(mut self, kind: tar::EntryType, name: &[u8], data: &[u8]) -> Self {
+        let mut h = Self::header(kind, 0o644, data.len() as u64);
         h.as_old_mut().name[..name.len()].copy_from_slice(name);
         h.set_cksum();
         self.b.append(&h, data).unwrap();

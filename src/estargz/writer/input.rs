@@ -25,6 +25,9 @@ pub(crate) struct InputEntry {
     /// Payload position in the spool and its size (regular files only).
     pub data_pos: u64,
     pub size: u64,
+    /// Data bytes after the header of a non-regular entry (a hardlink or
+    /// directory may carry some); copied through so the tar stays valid.
+    pub extra_len: u64,
     pub mode: i64,
     pub uid: i64,
     pub gid: i64,
@@ -184,6 +187,7 @@ fn convert<R: Read>(
         header_len,
         data_pos,
         size: if kind == EntryType::Reg { size } else { 0 },
+        extra_len: if kind == EntryType::Reg { 0 } else { size },
         mode: i64::from(hdr.mode().map_err(tar_err)?),
         uid: i64::try_from(hdr.uid().map_err(tar_err)?).unwrap_or(0),
         gid: i64::try_from(hdr.gid().map_err(tar_err)?).unwrap_or(0),
@@ -240,15 +244,16 @@ fn apply_pax(e: &mut InputEntry, key: &str, value: &[u8]) {
         "uname" => e.uname = String::from_utf8_lossy(value).into_owned(),
         "gname" => e.gname = String::from_utf8_lossy(value).into_owned(),
         "mtime" => {
-            // "%d" or "%d.%d"; keep whole seconds (floor).
+            // "%d" or "%d.%d"; rounded to whole seconds like the reference.
             if let Some(t) = text {
                 let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
-                if let Ok(mut secs) = whole.parse::<i64>() {
-                    let frac_nonzero = frac.bytes().any(|b| b != b'0');
-                    if whole.starts_with('-') && frac_nonzero {
-                        secs = secs.saturating_sub(1);
-                    }
-                    e.mtime = secs;
+                if let Ok(secs) = whole.parse::<i64>() {
+                    let round_away = frac.as_bytes().first().is_some_and(|&d| d >= b'5');
+                    e.mtime = match (round_away, whole.starts_with('-')) {
+                        (false, _) => secs,
+                        (true, false) => secs.saturating_add(1),
+                        (true, true) => secs.saturating_sub(1),
+                    };
                 }
             }
         }

@@ -99,6 +99,7 @@ impl Producer<'_> {
                 if e.kind == EntryType::Reg && e.size > 0 {
                     self.payload(entry, e.data_pos, e.size, false)
                 } else {
+                    self.copy_extra(e.data_pos, e.extra_len)?;
                     if e.kind == EntryType::Reg {
                         // Empty files still carry a digest, as upstream writes.
                         entry.digest = format!("sha256:{}", hex::encode(Sha256::digest(b"")));
@@ -143,6 +144,23 @@ impl Producer<'_> {
                 reason: e.to_string(),
             })?;
         self.cur.extend_from_slice(b.get_ref());
+        Ok(())
+    }
+
+    /// Copies a non-regular entry's data (and padding) into the stream,
+    /// cutting members as headers-only ones are cut.
+    fn copy_extra(&mut self, pos: u64, len: u64) -> Result<()> {
+        let mut done = 0u64;
+        while done < len {
+            if self.cur.len() as u64 >= self.params.chunk_size {
+                self.flush()?;
+            }
+            let piece = self.params.chunk_size.min(len - done);
+            self.read_into_cur(pos + done, piece)?;
+            done += piece;
+        }
+        let pad = (512 - (len % 512)) % 512;
+        self.cur.resize(self.cur.len() + pad as usize, 0);
         Ok(())
     }
 

@@ -164,6 +164,7 @@ mod tests {
             header_len: 512,
             data_pos: 512,
             size: 0,
+            extra_len: 0,
             mode: 0,
             uid: 0,
             gid: 0,
