@@ -220,3 +220,101 @@ fn go_reference_library_reads_rstargz_blobs() {
         eprintln!("{name}: Go library verified {} entries", go.entries.len());
     }
 }
+
+/// The fields both writers must agree on, with names cleaned and owner
+/// names carried forward per id as readers do (Go's parallel build repeats
+/// them at each partition start, which is not a semantic difference).
+fn projection(toc: &[JsonEntry]) -> Vec<String> {
+    let mut users: BTreeMap<i64, String> = BTreeMap::new();
+    let mut groups: BTreeMap<i64, String> = BTreeMap::new();
+    toc.iter()
+        .map(|e| {
+            if !e.user_name.is_empty() {
+                users.insert(e.uid, e.user_name.clone());
+            }
+            if !e.group_name.is_empty() {
+                groups.insert(e.gid, e.group_name.clone());
+            }
+            let user = users.get(&e.uid).cloned().unwrap_or_default();
+            let group = groups.get(&e.gid).cloned().unwrap_or_default();
+            let name = if e.kind == EntryType::Chunk {
+                String::new()
+            } else {
+                e.name
+                    .trim_start_matches("./")
+                    .trim_start_matches('/')
+                    .to_string()
+            };
+            let landmark = name.ends_with(".landmark");
+            format!(
+                "{name} {:?} size={} mode={} uid={} gid={} user={} group={} mtime={} link={} \
+                 dev={}:{} xattrs={:?} digest={} chunk@{} chunkDigest={}",
+                e.kind,
+                e.size,
+                if landmark { 0 } else { e.mode },
+                e.uid,
+                e.gid,
+                user,
+                group,
+                e.modtime,
+                e.link_name,
+                e.dev_major,
+                e.dev_minor,
+                e.xattrs,
+                e.digest,
+                e.chunk_offset,
+                e.chunk_digest,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn same_toc_as_the_go_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let helper = build_helper(dir.path());
+    let tar_path = dir.path().join("in.tar");
+    let input = input_tar();
+    write_file(&tar_path, &input);
+    let cases: [(u64, &[&str]); 3] = [
+        (0, &[]),
+        (20_000, &[]),
+        (20_000, &["usr/lib/big.bin", "etc/hard", "usr/lib/f3.so"]),
+    ];
+    for (chunk_size, prio) in cases {
+        let go_blob = dir.path().join("go.esgz");
+        let mut cmd = Command::new(&helper);
+        cmd.arg("-build").arg(format!("-chunk-size={chunk_size}"));
+        if !prio.is_empty() {
+            cmd.arg(format!("-prioritized={}", prio.join(",")));
+        }
+        let out = cmd.arg(&tar_path).arg(&go_blob).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let go_res: BTreeMap<String, String> = serde_json::from_slice(&out.stdout).unwrap();
+        let go_bytes = std::fs::read(&go_blob).unwrap();
+        let (go_toc, go_json) = read_toc(&go_bytes);
+        assert_eq!(sha(&go_json), go_res["tocDigest"]);
+        // Our independent checker accepts the reference writer's layout too.
+        check_chunks(&go_bytes, &go_toc);
+
+        let opts = BuildOptions {
+            chunk_size,
+            prioritized_files: prio.iter().map(|s| s.to_string()).collect(),
+            ..BuildOptions::default()
+        };
+        let (blob, res) = build(&input, &opts);
+        let ours = check_blob(&blob, &res);
+        let (a, b) = (projection(&ours.entries), projection(&go_toc.entries));
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(
+                x, y,
+                "entry {i}, chunk size {chunk_size}, prioritized {prio:?}"
+            );
+        }
+        assert_eq!(a.len(), b.len(), "entry count");
+    }
+}

@@ -5,6 +5,12 @@
 //
 // Usage: verify [-entries-only] BLOB TOC_DIGEST
 //
+//	verify -build [-chunk-size N] [-prioritized a,b] TAR OUT
+//
+// The -build form converts TAR with the library's own estargz.Build instead,
+// so tests can compare the two writers' TOCs; it prints the TOC digest and
+// DiffID as JSON.
+//
 // -entries-only skips chunk verification; it exists because the Debian
 // library (v0.12) predates innerOffset and cannot read chunks that share a
 // gzip member.
@@ -48,7 +54,14 @@ func fail(format string, a ...interface{}) {
 
 func main() {
 	entriesOnly := flag.Bool("entries-only", false, "do not read or verify chunks")
+	doBuild := flag.Bool("build", false, "build TAR into OUT with estargz.Build")
+	chunkSize := flag.Int("chunk-size", 0, "chunk size for -build (0: default)")
+	prioritized := flag.String("prioritized", "", "comma-separated prioritized files for -build")
 	flag.Parse()
+	if *doBuild {
+		build(*chunkSize, *prioritized)
+		return
+	}
 	if flag.NArg() != 2 {
 		fail("usage: verify [-entries-only] BLOB TOC_DIGEST")
 	}
@@ -145,4 +158,45 @@ func readVerified(r *estargz.Reader, v estargz.TOCEntryVerifier, name string, e 
 		fail("%s: content %s, TOC digest %s", name, got, e.Digest)
 	}
 	return got, chunks
+}
+
+func build(chunkSize int, prioritized string) {
+	if flag.NArg() != 2 {
+		fail("usage: verify -build TAR OUT")
+	}
+	in, err := os.Open(flag.Arg(0))
+	if err != nil {
+		fail("%v", err)
+	}
+	defer in.Close()
+	st, err := in.Stat()
+	if err != nil {
+		fail("%v", err)
+	}
+	opts := []estargz.Option{estargz.WithCompressionLevel(9)}
+	if chunkSize > 0 {
+		opts = append(opts, estargz.WithChunkSize(chunkSize))
+	}
+	if prioritized != "" {
+		opts = append(opts, estargz.WithPrioritizedFiles(strings.Split(prioritized, ",")))
+	}
+	blob, err := estargz.Build(io.NewSectionReader(in, 0, st.Size()), opts...)
+	if err != nil {
+		fail("build: %v", err)
+	}
+	defer blob.Close()
+	out, err := os.Create(flag.Arg(1))
+	if err != nil {
+		fail("%v", err)
+	}
+	if _, err := io.Copy(out, blob); err != nil {
+		fail("write: %v", err)
+	}
+	if err := out.Close(); err != nil {
+		fail("%v", err)
+	}
+	res := map[string]string{"tocDigest": blob.TOCDigest().String(), "diffID": blob.DiffID().String()}
+	if err := json.NewEncoder(os.Stdout).Encode(res); err != nil {
+		fail("%v", err)
+	}
 }
