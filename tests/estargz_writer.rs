@@ -383,6 +383,39 @@ fn pax_overrides_global_headers_and_odd_entries() {
 }
 
 #[test]
+fn corrupted_tars_never_panic() {
+    let good = sample_tar();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut failures = 0;
+    for _ in 0..150 {
+        let mut bad = good.clone();
+        for _ in 0..(next() % 8 + 1) {
+            let i = (next() % bad.len() as u64) as usize;
+            bad[i] = next() as u8;
+        }
+        let cut = bad.len() - (next() % 2048) as usize;
+        bad.truncate(cut);
+        let mut out = Vec::new();
+        match writer::build(&bad[..], &mut out, &opts()) {
+            Ok(res) => {
+                check_blob(&out, &res);
+            }
+            Err(
+                Error::InvalidTar(_) | Error::InvalidEntry { .. } | Error::PrioritizedNotFound(_),
+            ) => failures += 1,
+            Err(e) => panic!("unexpected error kind: {e:?}"),
+        }
+    }
+    assert!(failures > 0);
+}
+
+#[test]
 fn empty_input_gives_a_valid_blob() {
     let (blob, res) = build(&TarMaker::new().finish(), &opts());
     let toc = check_blob(&blob, &res).entries;

@@ -17,6 +17,21 @@ use rstargz::estargz::writer::BuildOptions;
 
 const GOCODE: &str = "/usr/share/gocode";
 
+/// Builds the helper once per test binary; both tests share it.
+fn helper() -> PathBuf {
+    static HELPER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    HELPER
+        .get_or_init(|| {
+            let dir = tempfile::Builder::new()
+                .prefix("rstargz-gohelper")
+                .tempdir()
+                .unwrap()
+                .keep();
+            build_helper(&dir)
+        })
+        .clone()
+}
+
 fn build_helper(dir: &Path) -> PathBuf {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gohelper/verify.go");
     let lib = Path::new(GOCODE).join("src/github.com/containerd/stargz-snapshotter/estargz");
@@ -169,7 +184,7 @@ fn input_tar() -> Vec<u8> {
 #[test]
 fn go_reference_library_reads_rstargz_blobs() {
     let dir = tempfile::tempdir().unwrap();
-    let helper = build_helper(dir.path());
+    let helper = helper();
     let input = input_tar();
     let cases: Vec<(&str, BuildOptions, bool)> = vec![
         ("default", BuildOptions::default(), false),
@@ -272,7 +287,7 @@ fn projection(toc: &[JsonEntry]) -> Vec<String> {
 #[test]
 fn same_toc_as_the_go_writer() {
     let dir = tempfile::tempdir().unwrap();
-    let helper = build_helper(dir.path());
+    let helper = helper();
     let tar_path = dir.path().join("in.tar");
     let input = input_tar();
     write_file(&tar_path, &input);
