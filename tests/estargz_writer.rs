@@ -476,3 +476,30 @@ fn cli_blob_build_json() {
         ]
     );
 }
+
+#[test]
+fn cli_reads_gzip_from_stdin() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.esgz");
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&sample_tar()).unwrap();
+    let gz = gz.finish().unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_rstargz"))
+        .args(["blob", "build", "-"])
+        .arg(&out)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(&gz).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success());
+    let text = String::from_utf8(o.stdout).unwrap();
+    let (_, want) = build(&sample_tar(), &BuildOptions::default());
+    assert!(
+        text.contains(&format!("Blob digest:       {}", want.blob_digest)),
+        "{text}"
+    );
+    assert!(text.contains(&format!("DiffID:            {}", want.diff_id)));
+}
