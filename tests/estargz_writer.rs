@@ -503,3 +503,20 @@ fn cli_reads_gzip_from_stdin() {
     );
     assert!(text.contains(&format!("DiffID:            {}", want.diff_id)));
 }
+
+#[test]
+fn cli_fails_cleanly_on_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.tar");
+    write_file(&input, &TarMaker::new().raw_file(b"../x", b"x").finish());
+    let out = dir.path().join("out.esgz");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rstargz"))
+        .args(["blob", "build"])
+        .arg(&input)
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("escapes the root"));
+    assert!(!out.exists(), "no partial output left behind");
+}

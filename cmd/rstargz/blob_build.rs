@@ -53,21 +53,14 @@ pub fn run(args: BuildArgs) -> anyhow::Result<()> {
         threads: args.threads,
         ..BuildOptions::default()
     };
-    let out = File::create(&args.output)
-        .with_context(|| format!("creating {}", args.output.display()))?;
-    let mut out = BufWriter::with_capacity(1 << 20, out);
-    let res = if args.input.as_os_str() == "-" {
-        writer::build(std::io::stdin().lock(), &mut out, &opts)
-    } else {
-        let f =
-            File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
-        writer::build_file(f, &mut out, &opts)
-    }
-    .context("building eStargz blob")?;
-    out.into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()
-        .context("syncing output")?;
+    let res = match write_blob(&args, &opts) {
+        Ok(res) => res,
+        Err(e) => {
+            // Never leave a partial blob that looks like a result.
+            let _ = std::fs::remove_file(&args.output);
+            return Err(e);
+        }
+    };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&res)?);
     } else {
@@ -78,6 +71,29 @@ pub fn run(args: BuildArgs) -> anyhow::Result<()> {
         println!("Compressed size:   {}", res.compressed_size);
     }
     Ok(())
+}
+
+fn write_blob(args: &BuildArgs, opts: &BuildOptions) -> anyhow::Result<writer::BuildResult> {
+    let input = if args.input.as_os_str() == "-" {
+        None
+    } else {
+        let f =
+            File::open(&args.input).with_context(|| format!("opening {}", args.input.display()))?;
+        Some(f)
+    };
+    let out = File::create(&args.output)
+        .with_context(|| format!("creating {}", args.output.display()))?;
+    let mut out = BufWriter::with_capacity(1 << 20, out);
+    let res = match input {
+        None => writer::build(std::io::stdin().lock(), &mut out, opts),
+        Some(f) => writer::build_file(f, &mut out, opts),
+    }
+    .context("building eStargz blob")?;
+    out.into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()
+        .context("syncing output")?;
+    Ok(res)
 }
 
 /// Reads one path per line; blank lines are ignored.
