@@ -9,6 +9,21 @@
 //! Memory stays O(threads x chunk size) plus per-entry metadata: payloads
 //! are read from the spool one chunk at a time. The output bytes depend only
 //! on the input and [`BuildOptions`], never on `threads`.
+//!
+//! Where we deliberately differ from the Go reference writer (readers,
+//! including the Go library, accept both; `tests/interop_go.rs` checks that
+//! the TOCs agree field by field):
+//! - tar headers are copied byte for byte from the input (PAX and GNU
+//!   long-name records included) instead of being re-encoded, so the DiffID
+//!   differs from Go's, but the stream is the input's own headers;
+//! - `min_chunk_size` sharing is decided on uncompressed bytes, so member
+//!   boundaries never depend on compression (Go counts compressed bytes and
+//!   falls back to one thread);
+//! - a run of headers without payload (many dirs, empty files) is cut into
+//!   extra members once it reaches the chunk size, bounding member size;
+//! - missing parents of prioritized files are synthesized (mode 0755)
+//!   instead of failing; `..` that escapes the root is an error instead of
+//!   being clamped; landmarks have mode 0644 rather than 0.
 
 pub mod compress;
 mod input;
