@@ -1,8 +1,8 @@
 //! The eStargz writer: tar (plain or gzip) in, eStargz blob out.
 //!
-//! - [`input`]: spools the input to a temp file and scans its headers.
-//! - [`order`]: duplicates, landmarks and prioritized files.
-//! - [`layout`]: chunking and member boundaries (uncompressed sizes only).
+//! - `input`: spools the input to a temp file and scans its headers.
+//! - `order`: duplicates, landmarks and prioritized files.
+//! - `layout`: chunking and member boundaries (uncompressed sizes only).
 //! - [`compress`]: gzip members on a thread pool, written back in order.
 //! - [`meta`]: tar metadata to TOC fields.
 //!
