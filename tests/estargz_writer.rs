@@ -520,3 +520,25 @@ fn cli_fails_cleanly_on_bad_input() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("escapes the root"));
     assert!(!out.exists(), "no partial output left behind");
 }
+
+#[test]
+fn default_chunk_size_splits_big_files() {
+    let cs = rstargz::estargz::DEFAULT_CHUNK_SIZE as usize;
+    let data = noise(2 * cs + 1, 5);
+    let input = TarMaker::new().file("big", &data).finish();
+    let (blob, res) = build(&input, &BuildOptions::default());
+    let toc = check_blob(&blob, &res).entries;
+    let pieces: Vec<_> = toc[1..]
+        .iter()
+        .map(|e| (e.kind, e.chunk_offset, e.chunk_size))
+        .collect();
+    assert_eq!(
+        pieces,
+        [
+            (EntryType::Reg, 0, cs as i64),
+            (EntryType::Chunk, cs as i64, cs as i64),
+            (EntryType::Chunk, 2 * cs as i64, 0),
+        ]
+    );
+    assert_eq!(toc[1].digest, sha(&data));
+}
