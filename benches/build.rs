@@ -46,6 +46,7 @@ fn main() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut rows = Vec::new();
+    let go_helper = build_go_helper(tmp.path());
     for tree in trees.split(':').filter(|t| Path::new(t).is_dir()) {
         let tar = tmp.path().join("in.tar");
         let in_size = make_tar(Path::new(tree), &tar, max_mb << 20);
@@ -62,6 +63,27 @@ fn main() {
                 size: gz[i].1,
                 gzip: Some(gz[i]),
             });
+        }
+        if let Some(helper) = &go_helper {
+            let out = tmp.path().join("go.esgz");
+            let start = Instant::now();
+            let st = Command::new(helper)
+                .arg("-build")
+                .arg(&tar)
+                .arg(&out)
+                .stdout(Stdio::null())
+                .status()
+                .expect("run Go helper");
+            assert!(st.success(), "Go estargz.Build failed");
+            rows.push(Row {
+                corpus: corpus.clone(),
+                tool: format!("Go estargz.Build (v0.12, GOMAXPROCS={threads})"),
+                level: 9,
+                secs: start.elapsed().as_secs_f64(),
+                size: std::fs::metadata(&out).unwrap().len(),
+                gzip: Some(gz[1]),
+            });
+            let _ = std::fs::remove_file(&out);
         }
         let out = tmp.path().join("out.esgz");
         let mut configs: Vec<(String, Backend, u32, u64)> = vec![
@@ -184,6 +206,31 @@ fn make_tar(tree: &Path, out: &Path, cap: u64) -> u64 {
     }
     b.into_inner().unwrap();
     std::fs::metadata(out).unwrap().len()
+}
+
+/// Builds `tests/gohelper/verify.go` against Debian's Go estargz library, to
+/// time the reference writer on the same input; `None` when Go is missing.
+fn build_go_helper(dir: &Path) -> Option<PathBuf> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/gohelper/verify.go");
+    let bin = dir.join("gohelper");
+    let ok = Command::new("go")
+        .arg("build")
+        .arg("-o")
+        .arg(&bin)
+        .arg(&src)
+        .env("GO111MODULE", "off")
+        .env(
+            "GOPATH",
+            format!("{}:/usr/share/gocode", dir.join("gopath").display()),
+        )
+        .env("GOCACHE", dir.join("gocache"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !ok {
+        eprintln!("Go helper unavailable; skipping the Go reference row");
+    }
+    ok.then_some(bin)
 }
 
 fn run_gzip(tar: &Path, level: u32, out: &Path) -> (f64, u64) {
