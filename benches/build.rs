@@ -6,9 +6,10 @@
 //! - `RSTARGZ_BENCH_MAX_MB`: cap per tree tar, in MiB (default 192), so a
 //!   run stays within minutes on a small machine.
 //!
-//! Prints a markdown table: input MB/s, output size, size vs `gzip` at the
-//! same level, speedup vs `gzip`. Verify = decompress and sha256 every chunk
-//! via the TOC, on one thread.
+//! Prints a markdown table: input MB/s, CPU seconds, output size, size vs
+//! `gzip` at the same level, wall-clock speedup vs `gzip`, and the CPU-time
+//! ratio (which a shared, loaded machine distorts less than wall time).
+//! Verify = decompress and sha256 every chunk via the TOC, on one thread.
 
 use std::fs::File;
 use std::io::{BufWriter, Read};
@@ -26,6 +27,8 @@ struct Row {
     tool: String,
     level: u32,
     secs: f64,
+    /// CPU seconds (user + system) the step used, all threads.
+    cpu: f64,
     size: u64,
     gzip: Option<(f64, u64)>,
 }
@@ -54,18 +57,21 @@ fn main() {
         eprintln!("corpus {corpus}");
         let mut gz = [(0.0, 0u64); 2];
         for (i, level) in [6u32, 9].into_iter().enumerate() {
+            let cpu0 = cpu_children();
             gz[i] = run_gzip(&tar, level, &tmp.path().join("out.gz"));
             rows.push(Row {
                 corpus: corpus.clone(),
                 tool: "gzip".into(),
                 level,
                 secs: gz[i].0,
+                cpu: cpu_children() - cpu0,
                 size: gz[i].1,
                 gzip: Some(gz[i]),
             });
         }
         if let Some(helper) = &go_helper {
             let out = tmp.path().join("go.esgz");
+            let cpu0 = cpu_children();
             let start = Instant::now();
             let st = Command::new(helper)
                 .arg("-build")
@@ -80,6 +86,7 @@ fn main() {
                 tool: format!("Go estargz.Build (v0.12, GOMAXPROCS={threads})"),
                 level: 9,
                 secs: start.elapsed().as_secs_f64(),
+                cpu: cpu_children() - cpu0,
                 size: std::fs::metadata(&out).unwrap().len(),
                 gzip: Some(gz[1]),
             });
@@ -109,29 +116,35 @@ fn main() {
                 threads,
                 ..BuildOptions::default()
             };
+            let cpu0 = cpu_self();
             let start = Instant::now();
             let mut w = BufWriter::with_capacity(1 << 20, File::create(&out).unwrap());
             let res = writer::build_file(File::open(&tar).unwrap(), &mut w, &opts).unwrap();
             drop(w);
             let secs = start.elapsed().as_secs_f64();
+            let cpu = cpu_self() - cpu0;
             let g = gz[if level <= 6 { 0 } else { 1 }];
             rows.push(Row {
                 corpus: corpus.clone(),
                 tool: format!("{tool} x{threads}"),
                 level,
                 secs,
+                cpu,
                 size: res.compressed_size,
                 gzip: Some(g),
             });
             if backend == Backend::Libdeflate && level == 9 {
+                let cpu0 = cpu_self();
                 let start = Instant::now();
                 let n = verify(&out);
                 let vsecs = start.elapsed().as_secs_f64();
+                let vcpu = cpu_self() - cpu0;
                 rows.push(Row {
                     corpus: corpus.clone(),
                     tool: format!("verify ({tool}) x1"),
                     level,
                     secs: vsecs,
+                    cpu: vcpu,
                     size: n,
                     gzip: None,
                 });
@@ -151,16 +164,24 @@ fn main() {
 
 fn print_table(rows: &[Row], corpus: &str, in_size: u64) {
     println!("\n### {corpus}\n");
-    println!("| tool | level | MB/s (input) | output bytes | size vs gzip | speedup vs gzip |");
-    println!("|---|---:|---:|---:|---:|---:|");
+    println!(
+        "| tool | level | MB/s (input, wall) | CPU s | output bytes | size vs gzip | \
+         speedup vs gzip (wall) | gzip CPU / our CPU |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in rows.iter().filter(|r| r.corpus == corpus) {
         let mbs = in_size as f64 / 1e6 / r.secs;
-        let (ratio, speed) = match r.gzip {
-            Some((gs, gsize)) if !r.tool.starts_with("verify") => (
+        let gz_cpu = rows
+            .iter()
+            .find(|g| g.corpus == corpus && g.tool == "gzip" && g.level == r.level.min(9))
+            .map(|g| g.cpu);
+        let (ratio, speed, cpu_ratio) = match (r.gzip, gz_cpu) {
+            (Some((gs, gsize)), Some(gc)) if !r.tool.starts_with("verify") => (
                 format!("{:+.2}%", (r.size as f64 / gsize as f64 - 1.0) * 100.0),
                 format!("{:.2}x", gs / r.secs),
+                format!("{:.2}x", gc / r.cpu.max(1e-9)),
             ),
-            _ => ("-".into(), "-".into()),
+            _ => ("-".into(), "-".into(), "-".into()),
         };
         let size = if r.tool.starts_with("verify") {
             format!("{} verified", r.size)
@@ -168,8 +189,8 @@ fn print_table(rows: &[Row], corpus: &str, in_size: u64) {
             r.size.to_string()
         };
         println!(
-            "| {} | {} | {:.1} | {} | {} | {} |",
-            r.tool, r.level, mbs, size, ratio, speed
+            "| {} | {} | {:.1} | {:.2} | {} | {} | {} | {} |",
+            r.tool, r.level, mbs, r.cpu, size, ratio, speed, cpu_ratio
         );
     }
 }
@@ -231,6 +252,25 @@ fn build_go_helper(dir: &Path) -> Option<PathBuf> {
         eprintln!("Go helper unavailable; skipping the Go reference row");
     }
     ok.then_some(bin)
+}
+
+fn rusage(who: libc::c_int) -> f64 {
+    // SAFETY: getrusage fills the zeroed struct we own; no pointers escape.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::getrusage(who, &mut ru) };
+    assert_eq!(rc, 0, "getrusage");
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// CPU time of this process, all threads.
+fn cpu_self() -> f64 {
+    rusage(libc::RUSAGE_SELF)
+}
+
+/// CPU time of waited-for children (gzip, the Go helper).
+fn cpu_children() -> f64 {
+    rusage(libc::RUSAGE_CHILDREN)
 }
 
 fn run_gzip(tar: &Path, level: u32, out: &Path) -> (f64, u64) {

@@ -542,3 +542,24 @@ fn default_chunk_size_splits_big_files() {
     );
     assert_eq!(toc[1].digest, sha(&data));
 }
+
+#[test]
+fn header_runs_are_cut_into_bounded_members() {
+    let mut t = TarMaker::new();
+    for i in 0..200 {
+        t = t.file(&format!("empty{i:03}"), b"");
+    }
+    let input = t.file("last", b"payload").finish();
+    let o = BuildOptions {
+        chunk_size: 4096,
+        ..opts()
+    };
+    let (blob, res) = build(&input, &o);
+    check_blob(&blob, &res);
+    let sizes = member_sizes(&blob);
+    // Landmark header, then runs of headers, then "last", TOC, footer.
+    assert!(sizes.len() > 20, "{sizes:?}");
+    let data = &sizes[..sizes.len() - 2];
+    assert!(data.iter().all(|&n| n <= 4096 + 512), "{sizes:?}");
+    assert_eq!(sizes.last(), Some(&0), "footer is an empty member");
+}

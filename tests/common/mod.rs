@@ -257,3 +257,17 @@ pub fn write_file(path: &std::path::Path, data: &[u8]) {
         .write_all(data)
         .unwrap();
 }
+
+/// Uncompressed length of every gzip member of `blob`, in order.
+pub fn member_sizes(blob: &[u8]) -> Vec<usize> {
+    let mut rest = blob;
+    let mut sizes = Vec::new();
+    while !rest.is_empty() {
+        let mut d = flate2::bufread::GzDecoder::new(rest);
+        let mut v = Vec::new();
+        d.read_to_end(&mut v).unwrap();
+        rest = d.into_inner();
+        sizes.push(v.len());
+    }
+    sizes
+}
