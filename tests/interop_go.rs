@@ -22,11 +22,9 @@ fn helper() -> PathBuf {
     static HELPER: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
     HELPER
         .get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("rstargz-gohelper")
-                .tempdir()
-                .unwrap()
-                .keep();
+            // Cargo's scratch dir for integration tests: reused, never leaked.
+            let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("gohelper");
+            std::fs::create_dir_all(&dir).unwrap();
             build_helper(&dir)
         })
         .clone()
