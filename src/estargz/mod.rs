@@ -2,6 +2,7 @@
 //!
 //! - [`footer`]: the 51-byte eStargz and 47-byte legacy stargz footers.
 //! - [`toc`]: the `stargz.index.json` JSON model exactly as serialized.
+//! - [`writer`]: builds eStargz blobs from tar streams, in parallel.
 //!
 //! Everything here treats a blob as untrusted input: offsets and sizes are
 //! checked, allocations are bounded, and failures are [`Error`] values.
@@ -9,6 +10,7 @@
 pub mod error;
 pub mod footer;
 pub mod toc;
+pub mod writer;
 
 pub use error::Error;
 
