@@ -92,13 +92,21 @@ fn build_http(cfg: &RegistryConfig, insecure: bool) -> Result<reqwest::Client, R
         .map_err(|e| RegistryError::Config(format!("HTTP client: {e}")))
 }
 
+/// Installs rustls' ring provider as the process default unless one is
+/// installed already. reqwest (built with `rustls-no-provider`) panics when
+/// a client is built without one, so any code building its own
+/// `reqwest::Client` calls this first; [`RegistryClient::new`] does.
+pub fn ensure_crypto_provider() {
+    // Process-wide by rustls' design; an already installed provider wins.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl RegistryClient {
     /// Builds a client: validates `cfg`, loads docker credentials, and
     /// installs rustls' ring provider as the process default if none is.
     pub fn new(cfg: RegistryConfig) -> Result<Self, RegistryError> {
         cfg.validate()?;
-        // Process-wide by rustls' design; an already installed provider wins.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        ensure_crypto_provider();
         let creds =
             CredentialStore::load(docker_config_dir(cfg.docker_config.as_deref()).as_deref())?;
         Ok(Self {
