@@ -193,7 +193,7 @@ impl Blob {
         let head = c
             .retry("blob HEAD", || async {
                 let (sent, _) = c
-                    .send_following(&t, Method::HEAD, url.clone(), &HeaderMap::new())
+                    .send_following(t, Method::HEAD, url.clone(), &HeaderMap::new())
                     .await?;
                 if !sent.resp.status().is_success() {
                     return Err(status_failure(&sent.resp, "blob"));
@@ -214,7 +214,7 @@ impl Blob {
         let headers = &headers;
         c.retry("blob size GET", || async {
             let (sent, _) = c
-                .send_following(&t, Method::GET, url.clone(), &headers)
+                .send_following(t, Method::GET, url.clone(), headers)
                 .await?;
             match sent.resp.status().as_u16() {
                 206 => {
@@ -224,7 +224,7 @@ impl Blob {
                         })
                         .and_then(parse_content_range)?;
                     match (cr.range, cr.complete) {
-                        (Some(r), Some(total)) if r == (0..1) => Ok(total),
+                        (Some(Range { start: 0, end: 1 }), Some(total)) => Ok(total),
                         _ => Err(RegistryError::ProtocolViolation(
                             "Content-Range does not give the size".into(),
                         )

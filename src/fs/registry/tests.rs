@@ -1,6 +1,9 @@
 //! Behaviour tests of the registry client against the scripted fake server
 //! (`fake.rs`), all on 127.0.0.1.
 
+// A one-range request list is what these tests mean.
+#![allow(clippy::single_range_in_vec_init)]
+
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
