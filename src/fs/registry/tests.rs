@@ -521,7 +521,7 @@ async fn redirect_drops_authorization_and_expiry_reresolves_once() {
     .await;
     // Registry: Bearer-protected; redirects blob GETs to the current URL.
     let storage_base = storage.base();
-    let (d, v) = (data.clone(), valid.clone());
+    let v = valid.clone();
     let registry = FakeServer::start(move |addr| {
         move |r: &Req| {
             if r.path.starts_with("/token") {
@@ -533,10 +533,8 @@ async fn redirect_drops_authorization_and_expiry_reresolves_once() {
                     format!(r#"Bearer realm="http://{addr}/token""#),
                 );
             }
-            if r.method == "HEAD" {
-                return Resp::new(200).body(d.to_vec());
-            }
-            // Relative to test Location resolution too: absolute here.
+            // HEAD and GET are both redirected (HEAD goes through the
+            // follow-redirects path, GET through the cached location).
             let loc = format!(
                 "{storage_base}/storage/blob?sig={}",
                 v.load(Ordering::SeqCst)
