@@ -716,3 +716,55 @@ async fn resolve_picks_platform_and_verifies_digests() {
     let err = arm.resolve(&reference(&s)).await.unwrap_err();
     assert!(matches!(err, RegistryError::NotFound(_)), "{err:?}");
 }
+
+#[tokio::test]
+async fn coalesced_answer_is_used_and_garbage_multipart_falls_back() {
+    // A server that coalesces every multi-range request into one 206 part.
+    let data = blob_data();
+    let d = data.clone();
+    let s = FakeServer::start(move |_| {
+        move |r: &Req| {
+            if let Some(rh) = r.header("range").filter(|v| v.contains(',')) {
+                let rs = super::fake::parse_range_header(rh);
+                let (a, z) = (rs[0].start, rs[rs.len() - 1].end);
+                return Resp::new(206)
+                    .header("Content-Range", format!("bytes {a}-{}/{}", z - 1, d.len()))
+                    .body(d[a..z].to_vec());
+            }
+            range_response(&d, r, Multi::Multipart)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    fetch_and_check(&b, &data, &[0..10, 40..50]).await;
+    assert_eq!(
+        s.count(is_single_data),
+        0,
+        "coalesced part covers both spans"
+    );
+    assert!(c.multi_range_supported(&s.host()));
+
+    // A server whose multipart bodies are malformed (part shorter than its
+    // Content-Range says).
+    let data = blob_data();
+    let d = data.clone();
+    let s = FakeServer::start(move |_| {
+        move |r: &Req| {
+            if r.header("range").is_some_and(|v| v.contains(',')) {
+                return Resp::new(206)
+                    .header("Content-Type", "multipart/byteranges; boundary=B")
+                    .body("--B\r\nContent-Range: bytes 0-9/10000\r\n\r\nshort\r\n--B--\r\n");
+            }
+            range_response(&d, r, Multi::Multipart)
+        }
+    })
+    .await;
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    fetch_and_check(&b, &data, &[0..10, 40..50]).await;
+    assert_eq!(s.count(is_multi), 5, "retried, then given up");
+    assert_eq!(s.count(is_single_data), 2);
+    assert!(!c.multi_range_supported(&s.host()));
+}
