@@ -768,3 +768,25 @@ async fn coalesced_answer_is_used_and_garbage_multipart_falls_back() {
     assert_eq!(s.count(is_single_data), 2);
     assert!(!c.multi_range_supported(&s.host()));
 }
+
+#[tokio::test]
+async fn refused_connection_is_unreachable_after_bounded_attempts() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RegistryConfig {
+        max_attempts: 3,
+        ..test_config(&dir)
+    };
+    let c = RegistryClient::new(cfg).unwrap();
+    let r = Reference::parse(&format!("127.0.0.1:{port}/test/repo:latest")).unwrap();
+    let b = c.blob(&r, &digest_of(b"x")).unwrap();
+    let t = Instant::now();
+    let err = b.blob_size().await.unwrap_err();
+    assert!(matches!(err, RegistryError::Unreachable(_)), "{err:?}");
+    assert_eq!(err.reason(), "unreachable");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
