@@ -66,7 +66,9 @@ struct BlobInner {
     digest: String,
     scope: String,
     endpoints: Vec<Endpoint>,
+    /// (size, index of the pinned endpoint).
     sized: tokio::sync::OnceCell<(u64, usize)>,
+    known_size: Option<u64>,
     loc: Mutex<LocState>,
     resolver: tokio::sync::Mutex<()>,
     re_resolutions: AtomicU64,
@@ -75,6 +77,27 @@ struct BlobInner {
 impl RegistryClient {
     /// A reader for blob `digest` of `reference`'s repository.
     pub fn blob(&self, reference: &Reference, digest: &str) -> Result<Blob, RegistryError> {
+        self.make_blob(reference, digest, None)
+    }
+
+    /// A reader for a blob whose size is known from its (digest-verified)
+    /// descriptor. With a single endpoint no size request is made; with
+    /// mirrors, each endpoint's reported size must match `size`.
+    pub fn blob_with_size(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        size: u64,
+    ) -> Result<Blob, RegistryError> {
+        self.make_blob(reference, digest, Some(size))
+    }
+
+    fn make_blob(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        known_size: Option<u64>,
+    ) -> Result<Blob, RegistryError> {
         validate_digest(digest)
             .map_err(|m| RegistryError::InvalidReference(digest.to_owned(), m))?;
         let endpoints = self.config().endpoints(&reference.host, Capability::Pull)?;
@@ -84,8 +107,14 @@ impl RegistryClient {
                 reference: reference.clone(),
                 digest: digest.to_owned(),
                 scope: reference.pull_scope(),
+                sized: match known_size {
+                    Some(n) if endpoints.len() == 1 => {
+                        tokio::sync::OnceCell::new_with(Some((n, 0)))
+                    }
+                    _ => tokio::sync::OnceCell::new(),
+                },
+                known_size,
                 endpoints,
-                sized: tokio::sync::OnceCell::new(),
                 loc: Mutex::new(LocState::default()),
                 resolver: tokio::sync::Mutex::new(()),
                 re_resolutions: AtomicU64::new(0),
@@ -174,7 +203,16 @@ impl Blob {
     async fn lookup_size(&self) -> Result<(u64, usize), RegistryError> {
         let mut last = None;
         for (i, ep) in self.inner.endpoints.iter().enumerate() {
-            match self.size_at(ep).await {
+            let r = self
+                .size_at(ep)
+                .await
+                .and_then(|s| match self.inner.known_size {
+                    Some(k) if k != s => Err(RegistryError::ProtocolViolation(format!(
+                        "endpoint reports {s} bytes, descriptor says {k}"
+                    ))),
+                    _ => Ok(s),
+                });
+            match r {
                 Ok(s) => return Ok((s, i)),
                 Err(e) => {
                     tracing::warn!(endpoint = %ep.base, digest = %self.inner.digest, error = %e, "blob size lookup failed");

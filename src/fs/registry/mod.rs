@@ -58,7 +58,7 @@ use std::ops::Range;
 use bytes::Bytes;
 
 pub use blob::Blob;
-pub use client::{RegistryClient, ensure_crypto_provider};
+pub use client::{ClientStats, RegistryClient, ensure_crypto_provider};
 pub use config::{Capability, Endpoint, RegistryConfig};
 pub use error::RegistryError;
 pub use manifest::{Descriptor, Manifest, Resolved, TOC_DIGEST_ANNOTATION};

@@ -258,6 +258,13 @@ async fn server_errors_are_retried_within_bounds() {
     let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
     fetch_and_check(&b, &data, &[0..10]).await;
     assert_eq!(s.count(is_data_get), 4);
+    let st = c.stats();
+    assert_eq!(st.retries, 3);
+    assert_eq!(st.requests, s.count(|_| true) as u64);
+    assert_eq!(
+        st.bytes_received, 10,
+        "503 bodies are empty; one 10-byte range"
+    );
 
     let (s, data) = failing_server(usize::MAX, Resp::new(502)).await;
     let c = RegistryClient::new(test_config(&dir)).unwrap();
@@ -789,4 +796,46 @@ async fn refused_connection_is_unreachable_after_bounded_attempts() {
     assert!(matches!(err, RegistryError::Unreachable(_)), "{err:?}");
     assert_eq!(err.reason(), "unreachable");
     assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn known_size_skips_the_size_request_and_is_checked_against_mirrors() {
+    let (s, data) = registry_with(Multi::Multipart).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c
+        .blob_with_size(&reference(&s), &digest_of(&data), BLOB_LEN as u64)
+        .unwrap();
+    fetch_and_check(&b, &data, &[0..10, 20..30]).await;
+    assert_eq!(s.count(|r| r.method == "HEAD"), 0);
+
+    // With a mirror that has a different blob size, the server is used.
+    let (upstream, data) = registry_with(Multi::Multipart).await;
+    let short = Arc::new(data[..100].to_vec());
+    let mirror =
+        FakeServer::start(move |_| move |r: &Req| range_response(&short, r, Multi::Multipart))
+            .await;
+    let certs = tempfile::tempdir().unwrap();
+    let hd = certs.path().join(upstream.host());
+    std::fs::create_dir_all(&hd).unwrap();
+    std::fs::write(
+        hd.join("hosts.toml"),
+        format!(
+            "server = \"{}\"\n[host.\"{}\"]\n",
+            upstream.base(),
+            mirror.base()
+        ),
+    )
+    .unwrap();
+    let c = RegistryClient::new(RegistryConfig {
+        certs_d: Some(certs.path().to_owned()),
+        ..test_config(&dir)
+    })
+    .unwrap();
+    let b = c
+        .blob_with_size(&reference(&upstream), &digest_of(&data), BLOB_LEN as u64)
+        .unwrap();
+    fetch_and_check(&b, &data, &[50..60]).await;
+    assert_eq!(mirror.count(is_data_get), 0, "mirror's size disagrees");
+    assert_eq!(upstream.count(is_data_get), 1);
 }
