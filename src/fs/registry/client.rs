@@ -332,8 +332,18 @@ impl RegistryClient {
                     } else {
                         t.scope.to_owned()
                     };
+                    // Credentials never go to a plain-HTTP realm of an
+                    // HTTPS registry (a downgrade that would leak them).
+                    let cred = if realm.starts_with("http://")
+                        && t.endpoint.base.scheme() == "https"
+                    {
+                        tracing::warn!(%host, %realm, "plain-HTTP token realm: asking anonymously");
+                        None
+                    } else {
+                        cred
+                    };
                     let (token, ttl) = fetch_token(
-                        self.http(false),
+                        self.http(t.endpoint.skip_verify),
                         &realm,
                         service.as_deref(),
                         &scope_to_ask,
