@@ -839,3 +839,22 @@ async fn known_size_skips_the_size_request_and_is_checked_against_mirrors() {
     assert_eq!(mirror.count(is_data_get), 0, "mirror's size disagrees");
     assert_eq!(upstream.count(is_data_get), 1);
 }
+
+#[tokio::test]
+async fn fetchers_are_usable_as_trait_objects() {
+    let (s, data) = registry_with(Multi::Multipart).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let real: Arc<dyn DynRangeFetcher> =
+        Arc::new(c.blob(&reference(&s), &digest_of(&data)).unwrap());
+    let fake: Arc<dyn DynRangeFetcher> = Arc::new(MemoryBlob::new(data.to_vec()));
+    let ranges = [0..5, 9_000..9_010, 3..3];
+    for f in [real, fake] {
+        assert_eq!(f.size_dyn().await.unwrap(), BLOB_LEN as u64);
+        let got = f.fetch_dyn(&ranges).await.unwrap();
+        assert_eq!(&got[1][..], &data[9_000..9_010]);
+        assert!(got[2].is_empty());
+        let err = f.fetch_dyn(&[9_999..10_001]).await.unwrap_err();
+        assert!(matches!(err, RegistryError::BadRange(_)), "{err:?}");
+    }
+}
