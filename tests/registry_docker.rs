@@ -225,9 +225,15 @@ async fn real_registry_resolve_and_ranges() {
             assert_eq!(&b[..], &layer[r.start as usize..r.end as usize], "{r:?}");
         }
     };
+    let before = client.stats().requests;
     let blob = client.blob(&reference, &layer_digest).unwrap();
     assert_eq!(blob.size().await.unwrap(), layer.len() as u64);
     check(blob.fetch(&ranges).await.unwrap());
+    assert_eq!(
+        client.stats().requests - before,
+        3,
+        "HEAD, location probe, then all four spans in one multi-range GET"
+    );
     assert!(
         client.multi_range_supported(&reg.addr),
         "distribution with filesystem storage answers multipart/byteranges"

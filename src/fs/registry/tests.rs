@@ -858,3 +858,65 @@ async fn fetchers_are_usable_as_trait_objects() {
         assert!(matches!(err, RegistryError::BadRange(_)), "{err:?}");
     }
 }
+
+#[tokio::test]
+async fn rejected_cached_token_is_replaced_and_basic_challenge_uses_credentials() {
+    // Tokens are numbered; the registry accepts only the newest one.
+    let data = blob_data();
+    let d = data.clone();
+    let issued = Arc::new(AtomicUsize::new(0));
+    let i2 = issued.clone();
+    let s = FakeServer::start(move |addr| {
+        move |r: &Req| {
+            if r.path.starts_with("/token") {
+                let n = i2.fetch_add(1, Ordering::SeqCst) + 1;
+                return Resp::new(200).body(format!(r#"{{"token":"tok-{n}","expires_in":600}}"#));
+            }
+            let want = format!("Bearer tok-{}", i2.load(Ordering::SeqCst));
+            if r.header("authorization") != Some(want.as_str()) {
+                return Resp::new(401).header(
+                    "WWW-Authenticate",
+                    format!(r#"Bearer realm="http://{addr}/token""#),
+                );
+            }
+            range_response(&d, r, Multi::Multipart)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    fetch_and_check(&b, &data, &[0..10]).await;
+    assert_eq!(issued.load(Ordering::SeqCst), 1);
+    // Revoke: the next token is the only valid one.
+    issued.fetch_add(1, Ordering::SeqCst);
+    fetch_and_check(&b, &data, &[10..20]).await;
+    assert_eq!(
+        issued.load(Ordering::SeqCst),
+        3,
+        "cached token rejected, a new one fetched"
+    );
+
+    // Basic challenge.
+    let d = data.clone();
+    let want = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("bob:pw")
+    );
+    let s = FakeServer::start(move |_| {
+        move |r: &Req| {
+            if r.header("authorization") != Some(want.as_str()) {
+                return Resp::new(401).header("WWW-Authenticate", r#"Basic realm="reg""#);
+            }
+            range_response(&d, r, Multi::Multipart)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    write_docker_config(&dir, &s.host(), r#"{"username":"bob","password":"pw"}"#);
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    fetch_and_check(&b, &data, &[0..10, 30..40]).await;
+    let unauth = s.count(|r| r.header("authorization").is_none());
+    assert_eq!(unauth, 1, "Basic header cached after the first challenge");
+}
