@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 #[derive(Debug)]
 pub struct CmdOutput {
     pub status: ExitStatus,
+    /// stdout, lossily decoded.
     pub stdout: String,
+    /// stdout as bytes, for binary output.
+    pub stdout_bytes: Vec<u8>,
     pub stderr: String,
     pub elapsed: Duration,
 }
@@ -47,9 +50,11 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput, String> {
             Err(e) => return Err(format!("{desc}: wait: {e}")),
         }
     };
+    let stdout_bytes = read_bytes(out);
     Ok(CmdOutput {
         status,
-        stdout: read_all(out),
+        stdout: String::from_utf8_lossy(&stdout_bytes).into_owned(),
+        stdout_bytes,
         stderr: read_all(err),
         elapsed: start.elapsed(),
     })
@@ -69,12 +74,16 @@ pub fn run_ok(cmd: &mut Command, timeout: Duration) -> Result<CmdOutput, String>
     }
 }
 
-fn read_all(mut f: File) -> String {
+fn read_all(f: File) -> String {
+    String::from_utf8_lossy(&read_bytes(f)).into_owned()
+}
+
+fn read_bytes(mut f: File) -> Vec<u8> {
     use std::io::{Read, Seek};
     let mut s = Vec::new();
     let _ = f.rewind();
     let _ = f.read_to_end(&mut s);
-    String::from_utf8_lossy(&s).into_owned()
+    s
 }
 
 /// `prog arg1 arg2 ...` for error messages.
@@ -171,6 +180,24 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop(Duration::from_secs(5));
+        if std::thread::panicking() {
+            eprintln!(
+                "--- {} log (tail of {}) ---\n{}\n--- end of {} log ---",
+                self.name,
+                self.log.display(),
+                self.log_tail(6000),
+                self.name
+            );
+        }
+        // RSTARGZ_TEST_KEEP_LOGS=<dir> keeps every server log for later reading.
+        if let Some(dir) = std::env::var_os("RSTARGZ_TEST_KEEP_LOGS") {
+            let dir = PathBuf::from(dir);
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::copy(
+                &self.log,
+                dir.join(format!("{}-{}.log", self.name, self.pid())),
+            );
+        }
     }
 }
 

@@ -1,0 +1,185 @@
+//! eStargz interop with the reference implementation: Debian's `ctr-remote
+//! image convert --estargz --oci` converts the real Debian image, and the
+//! blobs it writes must mean the same files as the source layers, carry a
+//! TOC digest annotation, and pass `rstargz blob verify` / `ls` / `cat`.
+//!
+//! Needs root, containerd and the tools from `scripts/deps.sh`.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use support::containerd::{Containerd, ContainerdOptions};
+use support::image::{self, DebianImage};
+use support::interop::{self, Converted, TOC_DIGEST_ANNOTATION};
+use support::registry::Registry;
+use support::rootfs;
+
+/// The converted image plus what each layer should contain.
+struct Fixture {
+    converted: Converted,
+    /// Per layer: regular-file path -> `sha256:` of its content, from the
+    /// source tars.
+    expected: Vec<BTreeMap<String, String>>,
+    image: DebianImage,
+    _blobs: tempfile::TempDir,
+    _layout: tempfile::TempDir,
+}
+
+fn convert() -> Fixture {
+    support::require_prerequisites();
+    let layout = support::temp_dir("layout");
+    let image = image::debian_image(layout.path(), "1");
+    let mut registry = Registry::start();
+    let src = registry.push_oci_layout(layout.path(), "1", "e2e/debian");
+    let ctrd = Containerd::start(ContainerdOptions::default());
+    let blobs = support::temp_dir("esgz-blobs");
+    let converted = interop::convert_to_estargz(
+        &ctrd,
+        &registry,
+        &src,
+        "e2e/debian-esgz",
+        "1",
+        blobs.path(),
+    );
+    eprintln!(
+        "ctr-remote image convert --estargz: {:?}",
+        converted.convert_time
+    );
+    let expected = vec![
+        image.rootfs.regular_files(),
+        rootfs::regular_files_of(&image::tar_of(&image::extra_layer())[..]),
+    ];
+    Fixture {
+        converted,
+        expected,
+        image,
+        _blobs: blobs,
+        _layout: layout,
+    }
+}
+
+/// What the converter produced, checked without our reader: annotations,
+/// DiffIDs, and the files inside each blob.
+fn check_converted(f: &Fixture) {
+    let c = &f.converted;
+    assert_eq!(c.layers.len(), f.image.layout.layers.len(), "layer count");
+    for (i, l) in c.layers.iter().enumerate() {
+        assert_eq!(
+            l.media_type,
+            image::MEDIA_LAYER_GZIP,
+            "layer {i} media type"
+        );
+        let toc = l.toc_digest.as_deref().unwrap_or_else(|| {
+            panic!("layer {i} has no {TOC_DIGEST_ANNOTATION}: {:?}", l.annotations)
+        });
+        assert!(toc.starts_with("sha256:") && toc.len() == 71, "toc digest {toc}");
+        assert_eq!(
+            interop::gzip_diff_id(&l.blob),
+            l.diff_id,
+            "layer {i}: DiffID of the blob != config diff_id"
+        );
+        assert_eq!(
+            interop::gzip_regular_files(&l.blob),
+            f.expected[i],
+            "layer {i}: regular files (path -> digest) differ from the source layer"
+        );
+    }
+}
+
+#[test]
+fn ctr_remote_estargz_matches_source_and_passes_rstargz_reader() {
+    let f = convert();
+    check_converted(&f);
+    for (i, l) in f.converted.layers.iter().enumerate() {
+        let toc = l.toc_digest.as_deref().expect("toc digest");
+        reader_checks(i, &l.blob, toc, &f.expected[i], &f.image);
+    }
+}
+
+/// Our reader on a reference blob: `verify` against the annotation,
+/// `ls` lists exactly the source's regular files, `cat` returns their bytes.
+fn reader_checks(
+    i: usize,
+    blob: &Path,
+    toc: &str,
+    expected: &BTreeMap<String, String>,
+    image: &DebianImage,
+) {
+    let t = Instant::now();
+    let v = rstargz(&["blob", "verify", path(blob), "--toc-digest", toc, "--json"]);
+    eprintln!("rstargz blob verify layer {i}: {:?}", t.elapsed());
+    let report: serde_json::Value = serde_json::from_str(&v)
+        .unwrap_or_else(|e| panic!("verify --json output is not JSON ({e}):\n{v}"));
+    eprintln!("verify report layer {i}: {report}");
+
+    // A wrong TOC digest must be refused.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let o = support::run(
+        Command::new(env!("CARGO_BIN_EXE_rstargz")).args([
+            "blob",
+            "verify",
+            path(blob),
+            "--toc-digest",
+            &wrong,
+        ]),
+        Duration::from_secs(120),
+    )
+    .expect("run rstargz");
+    assert!(
+        !o.status.success(),
+        "verify accepted a wrong TOC digest:\n{}",
+        o.stdout
+    );
+
+    let ls = rstargz(&["blob", "ls", path(blob)]);
+    let listed: std::collections::BTreeSet<String> = ls
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| rootfs::normalize(l.split_whitespace().last().unwrap_or_default()))
+        .collect();
+    for p in expected.keys() {
+        assert!(listed.contains(p), "layer {i}: `rstargz blob ls` misses {p}");
+    }
+
+    // Cat a few files, including large and small ones, and compare bytes.
+    let mut picks: Vec<&String> = expected.keys().take(3).collect();
+    for want in ["etc/debian_version", "usr/bin/bash", "hello.txt", "usr/local/bin/rstargz-hello"] {
+        if let Some((p, _)) = expected.get_key_value(want) {
+            picks.push(p);
+        }
+    }
+    for p in picks {
+        let o = support::run_ok(
+            Command::new(env!("CARGO_BIN_EXE_rstargz")).args([
+                "blob",
+                "cat",
+                path(blob),
+                &format!("/{p}"),
+            ]),
+            Duration::from_secs(120),
+        )
+        .unwrap_or_else(|e| panic!("rstargz blob cat {p}: {e}"));
+        let got = support::sha256_digest(&o.stdout_bytes);
+        assert_eq!(got, expected[p], "layer {i}: `rstargz blob cat /{p}` content");
+        if let Some(data) = image.rootfs.read_file(p) {
+            assert_eq!(support::sha256_digest(&data), expected[p]);
+        }
+    }
+}
+
+fn rstargz(args: &[&str]) -> String {
+    support::run_ok(
+        Command::new(env!("CARGO_BIN_EXE_rstargz")).args(args),
+        Duration::from_secs(300),
+    )
+    .unwrap_or_else(|e| panic!("rstargz failed: {e}"))
+    .stdout
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
