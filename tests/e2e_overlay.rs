@@ -62,7 +62,14 @@ fn pull_run_gc(s: &mut Stack, snapshotter: &str) {
     let r = &s.reference;
     let t = Instant::now();
     ctrd.ctr_timeout(
-        &["images", "pull", "--plain-http", "--snapshotter", snapshotter, r],
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            snapshotter,
+            r,
+        ],
         Duration::from_secs(300),
     );
     eprintln!("ctr images pull ({snapshotter}): {:?}", t.elapsed());
@@ -84,7 +91,11 @@ fn pull_run_gc(s: &mut Stack, snapshotter: &str) {
         .read_file("/etc/debian_version")
         .expect("/etc/debian_version in the rootfs");
     let out = run_in(ctrd, snapshotter, r, &["cat", "/etc/debian_version"]);
-    assert_eq!(out.as_bytes(), &want[..], "/etc/debian_version in the container");
+    assert_eq!(
+        out.as_bytes(),
+        &want[..],
+        "/etc/debian_version in the container"
+    );
 
     // Layer 2: a file, an executable script, and a whiteout of a layer-1 file.
     let out = run_in(ctrd, snapshotter, r, &["cat", image::HELLO_PATH]);
@@ -109,6 +120,17 @@ fn pull_run_gc(s: &mut Stack, snapshotter: &str) {
         snaps.iter().all(|(_, k)| k == "Committed"),
         "active snapshots left after `ctr run --rm`: {snaps:?}"
     );
+    if let Some(d) = &s.daemon {
+        // The backend itself holds the committed layers, named by chain ID.
+        // (Removed containers' active snapshots may linger in the backend
+        // until containerd's GC runs: metadata removal is lazy.)
+        let keys = d.snapshot_keys();
+        assert_eq!(
+            keys.iter().filter(|k| k.contains("/sha256:")).count(),
+            s.image.layout.layers.len(),
+            "daemon's own snapshot list while the image exists: {keys:?}"
+        );
+    }
 
     // Removing the image with --sync waits for garbage collection, which
     // removes the layers' snapshots from the backend.
@@ -152,6 +174,9 @@ fn rstargz_snapshotter_pull_run_gc() {
     daemon.assert_alive();
     // Ask the daemon itself (not containerd's metadata view) what it holds.
     let keys = daemon.snapshot_keys();
-    assert!(keys.is_empty(), "daemon still holds snapshots after GC: {keys:?}");
+    assert!(
+        keys.is_empty(),
+        "daemon still holds snapshots after GC: {keys:?}"
+    );
     let _ = &s.registry;
 }

@@ -37,14 +37,8 @@ fn convert() -> Fixture {
     let src = registry.push_oci_layout(layout.path(), "1", "e2e/debian");
     let ctrd = Containerd::start(ContainerdOptions::default());
     let blobs = support::temp_dir("esgz-blobs");
-    let converted = interop::convert_to_estargz(
-        &ctrd,
-        &registry,
-        &src,
-        "e2e/debian-esgz",
-        "1",
-        blobs.path(),
-    );
+    let converted =
+        interop::convert_to_estargz(&ctrd, &registry, &src, "e2e/debian-esgz", "1", blobs.path());
     eprintln!(
         "ctr-remote image convert --estargz: {:?}",
         converted.convert_time
@@ -74,9 +68,15 @@ fn check_converted(f: &Fixture) {
             "layer {i} media type"
         );
         let toc = l.toc_digest.as_deref().unwrap_or_else(|| {
-            panic!("layer {i} has no {TOC_DIGEST_ANNOTATION}: {:?}", l.annotations)
+            panic!(
+                "layer {i} has no {TOC_DIGEST_ANNOTATION}: {:?}",
+                l.annotations
+            )
         });
-        assert!(toc.starts_with("sha256:") && toc.len() == 71, "toc digest {toc}");
+        assert!(
+            toc.starts_with("sha256:") && toc.len() == 71,
+            "toc digest {toc}"
+        );
         assert_eq!(
             interop::gzip_diff_id(&l.blob),
             l.diff_id,
@@ -142,12 +142,20 @@ fn reader_checks(
         .map(|l| rootfs::normalize(l.split_whitespace().last().unwrap_or_default()))
         .collect();
     for p in expected.keys() {
-        assert!(listed.contains(p), "layer {i}: `rstargz blob ls` misses {p}");
+        assert!(
+            listed.contains(p),
+            "layer {i}: `rstargz blob ls` misses {p}"
+        );
     }
 
     // Cat a few files, including large and small ones, and compare bytes.
     let mut picks: Vec<&String> = expected.keys().take(3).collect();
-    for want in ["etc/debian_version", "usr/bin/bash", "hello.txt", "usr/local/bin/rstargz-hello"] {
+    for want in [
+        "etc/debian_version",
+        "usr/bin/bash",
+        "hello.txt",
+        "usr/local/bin/rstargz-hello",
+    ] {
         if let Some((p, _)) = expected.get_key_value(want) {
             picks.push(p);
         }
@@ -164,7 +172,10 @@ fn reader_checks(
         )
         .unwrap_or_else(|e| panic!("rstargz blob cat {p}: {e}"));
         let got = support::sha256_digest(&o.stdout_bytes);
-        assert_eq!(got, expected[p], "layer {i}: `rstargz blob cat /{p}` content");
+        assert_eq!(
+            got, expected[p],
+            "layer {i}: `rstargz blob cat /{p}` content"
+        );
         if let Some(data) = image.rootfs.read_file(p) {
             assert_eq!(support::sha256_digest(&data), expected[p]);
         }

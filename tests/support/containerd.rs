@@ -103,7 +103,10 @@ impl Containerd {
 
     /// The last bytes of containerd's log (for assertion messages).
     pub fn log_tail(&self) -> String {
-        self.server.as_ref().map(|s| s.log_tail(8000)).unwrap_or_default()
+        self.server
+            .as_ref()
+            .map(|s| s.log_tail(8000))
+            .unwrap_or_default()
     }
 
     fn ctr_raw(&self, args: &[&str], timeout: Duration) -> Result<CmdOutput, String> {
@@ -126,7 +129,10 @@ impl Containerd {
 
     pub fn ctr_timeout(&self, args: &[&str], timeout: Duration) -> CmdOutput {
         self.try_ctr(args, timeout).unwrap_or_else(|e| {
-            panic!("ctr failed: {e}\n--- containerd log (tail) ---\n{}", self.log_tail())
+            panic!(
+                "ctr failed: {e}\n--- containerd log (tail) ---\n{}",
+                self.log_tail()
+            )
         })
     }
 
@@ -160,7 +166,10 @@ impl Containerd {
             timeout,
         )
         .unwrap_or_else(|e| {
-            panic!("ctr-remote failed: {e}\n--- containerd log (tail) ---\n{}", self.log_tail())
+            panic!(
+                "ctr-remote failed: {e}\n--- containerd log (tail) ---\n{}",
+                self.log_tail()
+            )
         })
     }
 
@@ -176,7 +185,11 @@ impl Containerd {
             .skip(1)
             .map(|l| l.split_whitespace().collect::<Vec<_>>())
             .find(|f| f.first() == Some(&reference))
-            .and_then(|f| f.iter().find(|x| x.starts_with("sha256:")).map(|s| s.to_string()))
+            .and_then(|f| {
+                f.iter()
+                    .find(|x| x.starts_with("sha256:"))
+                    .map(|s| s.to_string())
+            })
             .unwrap_or_else(|| panic!("image {reference} not in `ctr images ls`:\n{out}"))
     }
 

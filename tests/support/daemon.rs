@@ -68,7 +68,10 @@ impl Daemon {
     }
 
     pub fn log_tail(&self) -> String {
-        self.server.as_ref().map(|s| s.log_tail(8000)).unwrap_or_default()
+        self.server
+            .as_ref()
+            .map(|s| s.log_tail(8000))
+            .unwrap_or_default()
     }
 
     /// Keys of every snapshot the daemon holds, asked over its own socket
@@ -81,7 +84,12 @@ impl Daemon {
                 .args(["snapshots", "--snapshotter", "stargz", "ls"]),
             Duration::from_secs(30),
         )
-        .unwrap_or_else(|e| panic!("listing the daemon's snapshots: {e}\nlog:\n{}", self.log_tail()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "listing the daemon's snapshots: {e}\nlog:\n{}",
+                self.log_tail()
+            )
+        });
         o.stdout
             .lines()
             .skip(1)

@@ -32,10 +32,19 @@ pub const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/b
 
 /// One entry of an in-memory layer.
 pub enum Entry {
-    Dir { path: String, mode: u32 },
-    File { path: String, mode: u32, data: Vec<u8> },
+    Dir {
+        path: String,
+        mode: u32,
+    },
+    File {
+        path: String,
+        mode: u32,
+        data: Vec<u8>,
+    },
     /// Deletes `path` from the layers below (`.wh.<name>`).
-    Whiteout { path: String },
+    Whiteout {
+        path: String,
+    },
 }
 
 /// Where a layer's tar comes from.
@@ -116,8 +125,11 @@ pub fn build_oci_layout(dir: &Path, tag: &str, layers: &[Layer], cmd: &[&str]) -
             "annotations": {"org.opencontainers.image.ref.name": tag},
         }],
     });
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).expect("index json"))
-        .expect("write index.json");
+    std::fs::write(
+        dir.join("index.json"),
+        serde_json::to_vec(&index).expect("index json"),
+    )
+    .expect("write index.json");
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)
         .expect("write oci-layout");
     OciLayout {
@@ -142,7 +154,10 @@ pub fn debian_image(dir: &Path, tag: &str) -> DebianImage {
     let layout = build_oci_layout(
         dir,
         tag,
-        &[Layer::TarFile(rootfs.path.clone()), Layer::Entries(extra_layer())],
+        &[
+            Layer::TarFile(rootfs.path.clone()),
+            Layer::Entries(extra_layer()),
+        ],
         &["/bin/bash"],
     );
     DebianImage { layout, rootfs }
@@ -211,7 +226,8 @@ pub fn tar_of(entries: &[Entry]) -> Vec<u8> {
             }
         };
         h.set_size(data.len() as u64);
-        b.append_data(&mut h, &path, data).expect("append tar entry");
+        b.append_data(&mut h, &path, data)
+            .expect("append tar entry");
     }
     b.into_inner().expect("finish tar")
 }

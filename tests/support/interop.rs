@@ -52,14 +52,20 @@ pub fn convert_to_estargz(
     out: &Path,
 ) -> Converted {
     let dst = registry.reference(name, tag);
-    ctrd.ctr_timeout(&["content", "fetch", "--plain-http", src], Duration::from_secs(300));
+    ctrd.ctr_timeout(
+        &["content", "fetch", "--plain-http", src],
+        Duration::from_secs(300),
+    );
     let start = Instant::now();
     ctrd.ctr_remote_timeout(
         &["images", "convert", "--estargz", "--oci", src, &dst],
         Duration::from_secs(600),
     );
     let convert_time = start.elapsed();
-    ctrd.ctr_timeout(&["images", "push", "--plain-http", &dst], Duration::from_secs(300));
+    ctrd.ctr_timeout(
+        &["images", "push", "--plain-http", &dst],
+        Duration::from_secs(300),
+    );
     fetch_image(registry, name, tag, out, convert_time, dst)
 }
 
@@ -79,16 +85,16 @@ fn fetch_image(
             .as_array()
             .expect("manifests")
             .iter()
-            .find(|m| {
-                m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64"
-            })
+            .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == "amd64")
             .and_then(|m| m["digest"].as_str())
             .expect("linux/amd64 manifest in index")
             .to_string();
         let (body, _) = registry.manifest(name, &d);
         manifest = serde_json::from_slice(&body).expect("manifest json");
     }
-    let config_digest = manifest["config"]["digest"].as_str().expect("config digest");
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .expect("config digest");
     let config: Value =
         serde_json::from_slice(&registry.blob(name, config_digest)).expect("config json");
     let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
@@ -160,7 +166,11 @@ pub fn gzip_regular_files(blob: &Path) -> BTreeMap<String, String> {
     let mut m = super::rootfs::regular_files_of(flate2::read::MultiGzDecoder::new(
         std::io::BufReader::new(f),
     ));
-    for meta in ["stargz.index.json", ".prefetch.landmark", ".no.prefetch.landmark"] {
+    for meta in [
+        "stargz.index.json",
+        ".prefetch.landmark",
+        ".no.prefetch.landmark",
+    ] {
         m.remove(meta);
     }
     m

@@ -60,7 +60,9 @@ pub fn require_prerequisites() {
     }
     for (tool, pkg) in TOOLS {
         if which(tool).is_none() {
-            missing.push(format!("`{tool}` (Debian package {pkg}; see scripts/deps.sh)"));
+            missing.push(format!(
+                "`{tool}` (Debian package {pkg}; see scripts/deps.sh)"
+            ));
         }
     }
     if !Path::new("/dev/fuse").exists() {
@@ -118,7 +120,11 @@ pub fn temp_dir(what: &str) -> tempfile::TempDir {
 /// A name unique across parallel tests and runs: `<prefix>-<pid>-<n>`.
 pub fn unique_name(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bind port 0).

@@ -94,14 +94,22 @@ impl Registry {
     pub fn push_oci_layout(&mut self, layout: &Path, tag: &str, name: &str) -> String {
         self.server.assert_alive();
         let policy = self.dir.path().join("policy.json");
-        std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#)
-            .expect("write skopeo policy");
+        std::fs::write(
+            &policy,
+            r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+        )
+        .expect("write skopeo policy");
         let reference = self.reference(name, tag);
         run_ok(
             Command::new("skopeo")
                 .arg("--policy")
                 .arg(&policy)
-                .args(["copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false"])
+                .args([
+                    "copy",
+                    "--quiet",
+                    "--preserve-digests",
+                    "--dest-tls-verify=false",
+                ])
                 .arg(format!("oci:{}:{tag}", layout.display()))
                 .arg(format!("docker://{reference}")),
             Duration::from_secs(300),
@@ -117,7 +125,12 @@ impl Registry {
         let tmp = temp_dir("manifest");
         let headers = tmp.path().join("headers");
         let body = tmp.path().join("body");
-        curl_to_file(&url, &body, &["-H", &format!("Accept: {MANIFEST_ACCEPT}")], Some(&headers));
+        curl_to_file(
+            &url,
+            &body,
+            &["-H", &format!("Accept: {MANIFEST_ACCEPT}")],
+            Some(&headers),
+        );
         let digest = std::fs::read_to_string(&headers)
             .unwrap_or_default()
             .lines()
@@ -171,7 +184,16 @@ impl std::io::Write for HashSink<'_> {
 /// The HTTP status of a GET, or `None` if nothing answered.
 pub fn http_status(url: &str) -> Option<u16> {
     let o = run(
-        Command::new("curl").args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "2", url]),
+        Command::new("curl").args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "2",
+            url,
+        ]),
         Duration::from_secs(5),
     )
     .ok()?;

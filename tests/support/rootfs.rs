@@ -37,7 +37,11 @@ pub fn debian_rootfs() -> RootfsTar {
     let lock = std::fs::File::create(dir.join(".lock")).expect("create cache lock");
     // SAFETY: flock on an fd we own; released when `lock` is closed.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        panic!("flock {}: {}", dir.display(), std::io::Error::last_os_error());
+        panic!(
+            "flock {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
     }
     if !path.exists() {
         build(&dir, &path);
@@ -140,7 +144,10 @@ fn parse_one_line(text: &str, suite: &str) -> Vec<String> {
     let mut out = Vec::new();
     for line in text.lines() {
         let line = line.split('#').next().unwrap_or("").trim();
-        let mut rest = match line.strip_prefix("deb ").or_else(|| line.strip_prefix("deb\t")) {
+        let mut rest = match line
+            .strip_prefix("deb ")
+            .or_else(|| line.strip_prefix("deb\t"))
+        {
             Some(r) => r.trim_start(),
             None => continue,
         };
@@ -260,7 +267,10 @@ mod tests {
     fn parses_both_source_formats() {
         let one = "# c\ndeb [signed-by=/k.gpg] http://mirror.invalid/debian bookworm main\n\
                    deb http://mirror.invalid/debian-security bookworm-security main\n";
-        assert_eq!(parse_one_line(one, "bookworm"), ["http://mirror.invalid/debian"]);
+        assert_eq!(
+            parse_one_line(one, "bookworm"),
+            ["http://mirror.invalid/debian"]
+        );
         let d = "Types: deb\nURIs: http://apt.invalid/debian\nSuites: bookworm bookworm-updates\n\
                  Components: main\n\nTypes: deb\nURIs: http://apt.invalid/debian-security\n\
                  Suites: bookworm-security\n";
