@@ -53,6 +53,7 @@ const TOOLS: &[(&str, &str)] = &[
 /// Panics with a clear message when something the real-stack tests need is
 /// missing. They must run in CI, so they never skip silently.
 pub fn require_prerequisites() {
+    reap_stale();
     let mut missing = Vec::new();
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -108,13 +109,79 @@ pub fn which(tool: &str) -> Option<PathBuf> {
         })
 }
 
+/// Prefix of every temp dir the harness makes under `/tmp`.
+const TEMP_PREFIX: &str = "rstargz-t-";
+/// File in each temp dir naming the test process that owns it.
+const OWNER_FILE: &str = ".owner";
+
 /// A fresh temporary directory for one guard, short enough for unix socket
-/// paths (108 bytes).
+/// paths (108 bytes). It records its owner process, so that a later run can
+/// clean up after a test process that was killed before its guards dropped
+/// (see [`reap_stale`]).
 pub fn temp_dir(what: &str) -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix(&format!("rstargz-{what}-"))
+    let d = tempfile::Builder::new()
+        .prefix(&format!("{TEMP_PREFIX}{what}-"))
         .tempdir_in("/tmp")
-        .expect("create temp dir under /tmp")
+        .expect("create temp dir under /tmp");
+    let me = std::process::id();
+    let owner = format!("{me} {}", proc_start_time(me).unwrap_or_default());
+    std::fs::write(d.path().join(OWNER_FILE), owner).expect("write owner file");
+    d
+}
+
+/// Start time (clock ticks since boot) of a process: with the pid, it
+/// identifies the process even if the pid is reused.
+fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; fields counted after the `)` that ends the command name.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// Removes what killed test processes left behind: for each harness temp
+/// dir whose owner is gone, kills processes started from it (shims of its
+/// containerd, its servers), unmounts everything below it and deletes it.
+/// Runs once per test process.
+pub fn reap_stale() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(rd) = std::fs::read_dir("/tmp") else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(TEMP_PREFIX) {
+                continue;
+            }
+            let dir = e.path();
+            let Ok(owner) = std::fs::read_to_string(dir.join(OWNER_FILE)) else {
+                continue; // being created right now, or not ours
+            };
+            let mut f = owner.split_whitespace();
+            let (Some(pid), Some(start)) = (
+                f.next().and_then(|p| p.parse::<u32>().ok()),
+                f.next().and_then(|s| s.parse::<u64>().ok()),
+            ) else {
+                continue;
+            };
+            if proc_start_time(pid) == Some(start) {
+                continue; // owner alive: another test run
+            }
+            let d = dir.display().to_string();
+            let killed = proc::kill_trees(|argv| argv.iter().any(|a| a.contains(&d)));
+            std::thread::sleep(Duration::from_millis(200));
+            let unmounted = proc::unmount_all_under(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
+            eprintln!(
+                "reaped stale {d} (owner {pid} gone): killed {killed:?}, unmounted {}",
+                unmounted.len()
+            );
+        }
+    });
 }
 
 /// A name unique across parallel tests and runs: `<prefix>-<pid>-<n>`.
