@@ -115,6 +115,19 @@ fn reader_checks(
     let report: serde_json::Value = serde_json::from_str(&v)
         .unwrap_or_else(|e| panic!("verify --json output is not JSON ({e}):\n{v}"));
     eprintln!("verify report layer {i}: {report}");
+    assert_eq!(report["ok"], true, "layer {i}: {report}");
+    assert_eq!(report["toc_digest"], toc, "layer {i}: TOC digest");
+    assert_eq!(report["footer"], "estargz", "layer {i}: footer kind");
+    assert_eq!(
+        report["unverified_chunks"], 0,
+        "layer {i}: chunks without digest"
+    );
+    let files = report["files"].as_u64().expect("files count");
+    assert!(
+        files >= expected.len() as u64,
+        "layer {i}: verify checked {files} files, the layer has {}",
+        expected.len()
+    );
 
     // A wrong TOC digest must be refused.
     let wrong = format!("sha256:{}", "0".repeat(64));
@@ -135,18 +148,26 @@ fn reader_checks(
         o.stdout
     );
 
+    // `ls` rows: `type mode uid:gid size name[ -> link]`.
     let ls = rstargz(&["blob", "ls", path(blob)]);
     let listed: std::collections::BTreeSet<String> = ls
         .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| rootfs::normalize(l.split_whitespace().last().unwrap_or_default()))
+        .filter_map(ls_row)
+        .filter(|(kind, _)| kind == "reg")
+        .map(|(_, name)| rootfs::normalize(&name))
+        .filter(|p| !LANDMARKS.contains(&p.as_str()))
         .collect();
-    for p in expected.keys() {
-        assert!(
-            listed.contains(p),
-            "layer {i}: `rstargz blob ls` misses {p}"
-        );
-    }
+    let want: std::collections::BTreeSet<String> = expected.keys().cloned().collect();
+    assert_eq!(
+        listed.difference(&want).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "layer {i}: regular files listed by `rstargz blob ls` but not in the source"
+    );
+    assert_eq!(
+        want.difference(&listed).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "layer {i}: regular files of the source missing from `rstargz blob ls`"
+    );
 
     // Cat a few files, including large and small ones, and compare bytes.
     let mut picks: Vec<&String> = expected.keys().take(3).collect();
@@ -181,6 +202,27 @@ fn reader_checks(
         }
     }
 }
+
+/// `(type, name)` of one `rstargz blob ls` row (`type mode uid:gid size
+/// name[ -> link]`; the size column is padded).
+fn ls_row(line: &str) -> Option<(String, String)> {
+    let mut rest = line;
+    let mut kind = "";
+    for n in 0..4 {
+        rest = rest.trim_start();
+        let end = rest.find(char::is_whitespace)?;
+        if n == 0 {
+            kind = &rest[..end];
+        }
+        rest = &rest[end..];
+    }
+    let name = rest.trim_start();
+    let name = name.split_once(" -> ").map_or(name, |(n, _)| n);
+    Some((kind.to_string(), name.to_string()))
+}
+
+/// Regular files the converter adds to mark the prefetch boundary.
+const LANDMARKS: &[&str] = &[".prefetch.landmark", ".no.prefetch.landmark"];
 
 fn rstargz(args: &[&str]) -> String {
     support::run_ok(
