@@ -213,6 +213,15 @@ impl Containerd {
             .collect()
     }
 
+    /// `ctr snapshots info <key>` as JSON (kind, parent, labels, ...).
+    pub fn snapshot_info(&self, snapshotter: &str, key: &str) -> serde_json::Value {
+        let out = self
+            .ctr(&["snapshots", "--snapshotter", snapshotter, "info", key])
+            .stdout;
+        serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("`ctr snapshots info {key}` is not JSON ({e}):\n{out}"))
+    }
+
     /// Best-effort removal of every task and container, so no container
     /// process outlives the test.
     fn remove_workloads(&self) {
