@@ -38,14 +38,8 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         stargz_proxy: Some(daemon.address.clone()),
     });
     let blobs = support::temp_dir("esgz-blobs");
-    let conv = interop::convert_to_estargz(
-        &ctrd,
-        &registry,
-        &src,
-        "e2e/debian-esgz",
-        "1",
-        blobs.path(),
-    );
+    let conv =
+        interop::convert_to_estargz(&ctrd, &registry, &src, "e2e/debian-esgz", "1", blobs.path());
     let r = conv.reference.clone();
 
     // Forget both images so that rpull starts from an empty store.
@@ -54,7 +48,14 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
 
     let t = Instant::now();
     ctrd.ctr_remote_timeout(
-        &["images", "rpull", "--plain-http", "--snapshotter", "stargz", &r],
+        &[
+            "images",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "stargz",
+            &r,
+        ],
         Duration::from_secs(300),
     );
     eprintln!("ctr-remote images rpull: {:?}", t.elapsed());
@@ -66,7 +67,11 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         .filter(|(_, k)| k == "Committed")
         .map(|(key, _)| key)
         .collect();
-    assert_eq!(committed.len(), conv.layers.len(), "committed snapshots: {snaps:?}");
+    assert_eq!(
+        committed.len(),
+        conv.layers.len(),
+        "committed snapshots: {snaps:?}"
+    );
     let mut remote = 0;
     for key in &committed {
         let info = ctrd.snapshot_info("stargz", key);
@@ -77,6 +82,15 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     if EXPECT_REMOTE {
         assert_eq!(remote, committed.len(), "layers not prepared remotely");
     }
+    // rpull's labels reached the daemon: it decided, and logged, for every
+    // layer whether it was prepared remotely (`remote_snapshot_prepared`).
+    let decisions = daemon.log().matches("remote_snapshot_prepared").count();
+    assert!(
+        decisions >= conv.layers.len(),
+        "daemon logged {decisions} remote-prepare decisions for {} layers; log:\n{}",
+        conv.layers.len(),
+        daemon.log_tail()
+    );
 
     let want = img
         .rootfs
@@ -96,7 +110,10 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     assert!(gone.is_some(), "left: {:?}", ctrd.snapshots("stargz"));
     daemon.assert_alive();
     let keys = daemon.snapshot_keys();
-    assert!(keys.is_empty(), "daemon still holds snapshots after GC: {keys:?}");
+    assert!(
+        keys.is_empty(),
+        "daemon still holds snapshots after GC: {keys:?}"
+    );
 }
 
 fn run_in(ctrd: &Containerd, r: &str, cmd: &[&str]) -> String {

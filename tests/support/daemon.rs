@@ -74,6 +74,16 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// The daemon's whole log so far.
+    pub fn log(&self) -> String {
+        self.server
+            .as_ref()
+            .map(|s| {
+                String::from_utf8_lossy(&std::fs::read(&s.log).unwrap_or_default()).into_owned()
+            })
+            .unwrap_or_default()
+    }
+
     /// Keys of every snapshot the daemon holds, asked over its own socket
     /// (`ctr snapshots ls` speaks the snapshots API directly to it).
     pub fn snapshot_keys(&self) -> Vec<String> {
