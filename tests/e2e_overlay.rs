@@ -178,5 +178,16 @@ fn rstargz_snapshotter_pull_run_gc() {
         keys.is_empty(),
         "daemon still holds snapshots after GC: {keys:?}"
     );
+    // ...and nothing of them is left on disk or mounted.
+    let dirs = daemon.snapshot_dirs();
+    assert!(
+        dirs.is_empty(),
+        "snapshot directories left on disk: {dirs:?}"
+    );
+    let mounts = daemon.mounts();
+    assert!(
+        mounts.is_empty(),
+        "mounts left under the daemon's root: {mounts:?}"
+    );
     let _ = &s.registry;
 }

@@ -114,6 +114,17 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         keys.is_empty(),
         "daemon still holds snapshots after GC: {keys:?}"
     );
+    // ...and nothing of them is left on disk or mounted.
+    let dirs = daemon.snapshot_dirs();
+    assert!(
+        dirs.is_empty(),
+        "snapshot directories left on disk: {dirs:?}"
+    );
+    let mounts = daemon.mounts();
+    assert!(
+        mounts.is_empty(),
+        "mounts left under the daemon's root: {mounts:?}"
+    );
 }
 
 fn run_in(ctrd: &Containerd, r: &str, cmd: &[&str]) -> String {

@@ -74,6 +74,22 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// Entries left under `<root>/snapshots/` (snapshot directories on disk).
+    pub fn snapshot_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.join("snapshots"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Mount points below the daemon's temp dir (root and sockets).
+    pub fn mounts(&self) -> Vec<PathBuf> {
+        proc::mounts_under(self.dir.path())
+    }
+
     /// The daemon's whole log so far.
     pub fn log(&self) -> String {
         self.server
