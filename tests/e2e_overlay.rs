@@ -191,3 +191,108 @@ fn rstargz_snapshotter_pull_run_gc() {
     );
     let _ = &s.registry;
 }
+
+/// Restarting the daemon, gracefully and with SIGKILL, must not disturb a
+/// running container nor lose a snapshot, and new containers must start.
+#[test]
+fn rstargz_daemon_restart_keeps_containers_and_snapshots() {
+    let mut s = stack(true);
+    let r = s.reference.clone();
+    s.ctrd.ctr_timeout(
+        &[
+            "images",
+            "pull",
+            "--plain-http",
+            "--snapshotter",
+            "stargz",
+            &r,
+        ],
+        Duration::from_secs(300),
+    );
+    let id = support::unique_name("long");
+    s.ctrd.ctr(&[
+        "run",
+        "--detach",
+        "--snapshotter",
+        "stargz",
+        &r,
+        &id,
+        "sleep",
+        "600",
+    ]);
+    for kill in [false, true] {
+        let daemon = s.daemon.as_mut().expect("daemon");
+        let mut before = daemon.snapshot_keys();
+        before.sort();
+        let t = Instant::now();
+        daemon.restart(kill);
+        eprintln!("daemon restart (kill={kill}): {:?}", t.elapsed());
+        let reconnect = s.ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
+        eprintln!("containerd reached the restarted daemon after {reconnect:?}");
+        let mut after = daemon.snapshot_keys();
+        after.sort();
+        assert_eq!(
+            before, after,
+            "snapshots changed across a restart (kill={kill})"
+        );
+
+        let status = task_status(&s.ctrd, &id);
+        assert_eq!(
+            status, "RUNNING",
+            "container after daemon restart (kill={kill})"
+        );
+        let exec_id = support::unique_name("exec");
+        let out = s.ctrd.ctr(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            &exec_id,
+            &id,
+            "cat",
+            image::HELLO_PATH,
+        ]);
+        assert_eq!(
+            out.stdout,
+            image::HELLO_CONTENT,
+            "exec after restart (kill={kill})"
+        );
+
+        let want = s
+            .image
+            .rootfs
+            .read_file("/etc/debian_version")
+            .expect("debian_version");
+        let out = run_in(&s.ctrd, "stargz", &r, &["cat", "/etc/debian_version"]);
+        assert_eq!(
+            out.as_bytes(),
+            &want[..],
+            "new container after restart (kill={kill})"
+        );
+    }
+    s.ctrd.ctr(&["tasks", "kill", "--signal", "SIGKILL", &id]);
+    let stopped = support::wait_for(Duration::from_secs(20), || {
+        (task_status(&s.ctrd, &id) == "STOPPED").then_some(())
+    });
+    assert!(stopped.is_some(), "task did not stop");
+    s.ctrd.ctr(&["tasks", "delete", &id]);
+    s.ctrd.ctr(&["containers", "delete", &id]);
+    s.ctrd.ctr(&["images", "rm", "--sync", &r]);
+    let gone = support::wait_for(Duration::from_secs(10), || {
+        s.ctrd.snapshots("stargz").is_empty().then_some(())
+    });
+    assert!(gone.is_some(), "left: {:?}", s.ctrd.snapshots("stargz"));
+    let daemon = s.daemon.as_mut().expect("daemon");
+    daemon.assert_alive();
+    assert_eq!(daemon.snapshot_keys(), Vec::<String>::new());
+}
+
+/// STATUS column of `ctr tasks ls` for task `id` (empty if absent).
+fn task_status(ctrd: &Containerd, id: &str) -> String {
+    ctrd.ctr(&["tasks", "ls"])
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&id))
+        .and_then(|f| f.get(2).map(|s| s.to_string()))
+        .unwrap_or_default()
+}

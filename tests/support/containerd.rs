@@ -213,6 +213,32 @@ impl Containerd {
             .collect()
     }
 
+    /// Waits until containerd can reach snapshotter `name` again (after a
+    /// proxy snapshotter restarted, containerd's gRPC client reconnects with
+    /// backoff, and calls fail with `Unavailable` meanwhile). Returns how
+    /// long that took.
+    pub fn wait_snapshotter(&self, name: &str, timeout: Duration) -> Duration {
+        let start = std::time::Instant::now();
+        let mut last = String::new();
+        let ok = wait_for(timeout, || {
+            match self.try_ctr(
+                &["snapshots", "--snapshotter", name, "ls"],
+                Duration::from_secs(10),
+            ) {
+                Ok(_) => Some(()),
+                Err(e) => {
+                    last = e;
+                    None
+                }
+            }
+        });
+        assert!(
+            ok.is_some(),
+            "containerd could not reach snapshotter {name} within {timeout:?}: {last}"
+        );
+        start.elapsed()
+    }
+
     /// `ctr snapshots info <key>` as JSON (kind, parent, labels, ...).
     pub fn snapshot_info(&self, snapshotter: &str, key: &str) -> serde_json::Value {
         let out = self

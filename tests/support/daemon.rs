@@ -11,6 +11,7 @@ pub struct Daemon {
     /// The gRPC socket (`[proxy_plugins.stargz] address`).
     pub address: PathBuf,
     pub root: PathBuf,
+    config: Option<PathBuf>,
     server: Option<Server>,
     dir: tempfile::TempDir,
 }
@@ -27,40 +28,61 @@ impl Daemon {
         let dir = temp_dir("daemon");
         let address = dir.path().join("rstargz.sock");
         let root = dir.path().join("root");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rstargz-grpc"));
-        cmd.arg("--address")
-            .arg(&address)
-            .arg("--root")
-            .arg(&root)
-            .args(["--log-level", "debug"]);
-        if let Some(c) = config {
+        let config = config.map(|c| {
             let p = dir.path().join("config.toml");
             std::fs::write(&p, c).expect("write daemon config");
-            cmd.arg("--config").arg(p);
-        }
-        let server = Server::spawn("rstargz-grpc", &mut cmd, &dir.path().join("rstargz.log"));
+            p
+        });
         let mut d = Daemon {
             address,
             root,
-            server: Some(server),
+            config,
+            server: None,
             dir,
         };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rstargz-grpc"));
+        cmd.arg("--address")
+            .arg(&self.address)
+            .arg("--root")
+            .arg(&self.root)
+            .args(["--log-level", "debug"]);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        let log = self.dir.path().join("rstargz.log");
+        self.server = Some(Server::spawn("rstargz-grpc", &mut cmd, &log));
         let up = wait_for(Duration::from_secs(30), || {
-            if d.server.as_mut().expect("server").exited().is_some() {
+            if self.server.as_mut().expect("server").exited().is_some() {
                 return Some(false);
             }
-            std::os::unix::net::UnixStream::connect(&d.address)
+            std::os::unix::net::UnixStream::connect(&self.address)
                 .ok()
                 .map(|_| true)
         });
         if up != Some(true) {
             panic!(
                 "rstargz-grpc did not listen on {}; log:\n{}",
-                d.address.display(),
-                d.log_tail()
+                self.address.display(),
+                self.log_tail()
             );
         }
-        d
+    }
+
+    /// Stops the daemon with SIGTERM (SIGKILL with `kill`), then starts it
+    /// again on the same socket, root and config.
+    pub fn restart(&mut self, kill: bool) {
+        if let Some(mut s) = self.server.take() {
+            if kill {
+                proc::signal(s.pid(), libc::SIGKILL);
+            }
+            s.stop(Duration::from_secs(10));
+        }
+        self.spawn();
     }
 
     pub fn dir(&self) -> &Path {

@@ -107,7 +107,12 @@ pub struct Server {
 
 impl Server {
     pub fn spawn(name: &'static str, cmd: &mut Command, log: &Path) -> Server {
-        let f = File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+        // Append: a restarted server keeps its predecessor's log.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", log.display()));
         let desc = describe(cmd);
         // SAFETY: prctl is async-signal-safe and touches no Rust state.
         unsafe {
