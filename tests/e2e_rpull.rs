@@ -46,6 +46,7 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     ctrd.ctr(&["images", "rm", "--sync", &src, &r]);
     assert!(ctrd.image_names().is_empty(), "{:?}", ctrd.image_names());
 
+    let served_before = registry.blob_bytes_served();
     let t = Instant::now();
     ctrd.ctr_remote_timeout(
         &[
@@ -102,6 +103,22 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     assert_eq!(out, image::HELLO_CONTENT);
     let out = run_in(&ctrd, &r, &[image::SCRIPT_PATH]);
     assert_eq!(out.trim(), image::SCRIPT_OUTPUT);
+
+    // How much of the image the registry served for rpull and the runs.
+    let image_bytes: u64 = conv.layers.iter().map(|l| l.size).sum();
+    let served = registry.blob_bytes_served() - served_before;
+    eprintln!("blob bytes served for rpull + runs: {served} of {image_bytes} in the layers");
+    if EXPECT_REMOTE {
+        assert!(
+            served < image_bytes / 2,
+            "lazy pull fetched {served} of {image_bytes} layer bytes"
+        );
+    } else {
+        assert!(
+            served >= image_bytes,
+            "a full pull fetches every layer: {served} < {image_bytes}"
+        );
+    }
 
     ctrd.ctr(&["images", "rm", "--sync", &r]);
     let gone = support::wait_for(Duration::from_secs(10), || {

@@ -47,7 +47,7 @@ impl Registry {
         // is set explicitly.
         let yaml = format!(
             "version: 0.1\n\
-             log:\n  level: warn\n  accesslog:\n    disabled: true\n\
+             log:\n  level: warn\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
              \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
              http:\n  addr: {host}\n  secret: rstargz-test-{port}\n\
@@ -82,6 +82,25 @@ impl Registry {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Requests served so far, from the access log (combined log format,
+    /// written to the registry's log file).
+    pub fn access_log(&self) -> Vec<AccessEntry> {
+        std::fs::read_to_string(&self.server.log)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(AccessEntry::parse)
+            .collect()
+    }
+
+    /// Bytes of blob bodies (`GET /v2/.../blobs/...`) served so far.
+    pub fn blob_bytes_served(&self) -> u64 {
+        self.access_log()
+            .iter()
+            .filter(|e| e.method == "GET" && e.path.contains("/blobs/"))
+            .map(|e| e.bytes)
+            .sum()
     }
 
     /// `127.0.0.1:<port>/<name>:<tag>`
@@ -160,6 +179,35 @@ impl Registry {
     }
 }
 
+/// One access-log line: `host - - [time] "GET /path HTTP/1.1" 200 123 ...`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccessEntry {
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+    pub bytes: u64,
+}
+
+impl AccessEntry {
+    pub fn parse(line: &str) -> Option<AccessEntry> {
+        let (_, rest) = line.split_once("] \"")?;
+        let (request, rest) = rest.split_once('"')?;
+        let mut req = request.split(' ');
+        let method = req.next()?.to_string();
+        let path = req.next()?.to_string();
+        let mut f = rest.split_whitespace();
+        let status = f.next()?.parse().ok()?;
+        // "-" when no body was sent.
+        let bytes = f.next().map_or(0, |b| b.parse().unwrap_or(0));
+        Some(AccessEntry {
+            method,
+            path,
+            status,
+            bytes,
+        })
+    }
+}
+
 /// `sha256:<hex>` of a file, streamed.
 pub fn file_digest(path: &Path) -> String {
     use sha2::Digest;
@@ -212,5 +260,25 @@ fn curl_to_file(url: &str, dest: &Path, extra: &[&str], headers: Option<&PathBuf
     if let Err(e) = run_ok(&mut cmd, Duration::from_secs(310)) {
         let body = std::fs::read_to_string(dest).unwrap_or_default();
         panic!("GET {url} failed: {e}\nbody: {body}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AccessEntry;
+
+    #[test]
+    fn parses_access_log_lines() {
+        let l = r#"127.0.0.1 - - [24/Nov/2026:05:04:16 +0000] "GET /v2/e2e/debian/blobs/sha256:ab HTTP/1.1" 206 4096 "" "containerd/1.6""#;
+        assert_eq!(
+            AccessEntry::parse(l),
+            Some(AccessEntry {
+                method: "GET".into(),
+                path: "/v2/e2e/debian/blobs/sha256:ab".into(),
+                status: 206,
+                bytes: 4096,
+            })
+        );
+        assert_eq!(AccessEntry::parse("time=\"x\" level=info msg=hi"), None);
     }
 }
