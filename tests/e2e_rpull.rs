@@ -38,8 +38,16 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         stargz_proxy: Some(daemon.address.clone()),
     });
     let blobs = support::temp_dir("esgz-blobs");
-    let conv =
-        interop::convert_to_estargz(&ctrd, &registry, &src, "e2e/debian-esgz", "1", blobs.path());
+    let conv = interop::convert_to_estargz_with(
+        &ctrd,
+        &registry,
+        &src,
+        "e2e/debian-esgz",
+        "1",
+        blobs.path(),
+        // Fast compression: this test is about the pull path, not the ratio.
+        &["--estargz-compression-level", "1"],
+    );
     let r = conv.reference.clone();
 
     // Forget both images so that rpull starts from an empty store.

@@ -51,16 +51,30 @@ pub fn convert_to_estargz(
     tag: &str,
     out: &Path,
 ) -> Converted {
+    convert_to_estargz_with(ctrd, registry, src, name, tag, out, &[])
+}
+
+/// [`convert_to_estargz`] with extra `ctr-remote image convert` flags, e.g.
+/// `--estargz-compression-level 1` where the compression ratio is moot.
+pub fn convert_to_estargz_with(
+    ctrd: &Containerd,
+    registry: &Registry,
+    src: &str,
+    name: &str,
+    tag: &str,
+    out: &Path,
+    extra: &[&str],
+) -> Converted {
     let dst = registry.reference(name, tag);
     ctrd.ctr_timeout(
         &["content", "fetch", "--plain-http", src],
         Duration::from_secs(300),
     );
     let start = Instant::now();
-    ctrd.ctr_remote_timeout(
-        &["images", "convert", "--estargz", "--oci", src, &dst],
-        Duration::from_secs(600),
-    );
+    let mut args = vec!["images", "convert", "--estargz", "--oci"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[src, &dst]);
+    ctrd.ctr_remote_timeout(&args, Duration::from_secs(600));
     let convert_time = start.elapsed();
     ctrd.ctr_timeout(
         &["images", "push", "--plain-http", &dst],
