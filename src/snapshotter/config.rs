@@ -25,6 +25,9 @@ pub struct Config {
     /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing
     /// `EnvFilter` directive such as `rstargz=debug`).
     pub log_level: String,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM
+    /// before the daemon exits anyway (clients may keep connections open).
+    pub shutdown_timeout_secs: u64,
     /// Runtime sizing.
     pub runtime: RuntimeConfig,
 }
@@ -47,6 +50,7 @@ impl Default for Config {
             address: PathBuf::from(DEFAULT_ADDRESS),
             root: PathBuf::from(DEFAULT_ROOT),
             log_level: "info".to_string(),
+            shutdown_timeout_secs: 10,
             runtime: RuntimeConfig::default(),
         }
     }
@@ -187,8 +191,10 @@ mod tests {
 
     #[test]
     fn validate_explains() {
-        let mut c = Config::default();
-        c.root = "relative".into();
+        let c = Config {
+            root: "relative".into(),
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("root"));
         let mut c = Config::default();
         c.runtime.worker_threads = 0;
@@ -198,11 +204,15 @@ mod tests {
                 .to_string()
                 .contains("worker_threads")
         );
-        let mut c = Config::default();
-        c.log_level = "verbose".into();
+        let c = Config {
+            log_level: "verbose".into(),
+            ..Default::default()
+        };
         assert!(c.validate().is_err());
-        let mut c = Config::default();
-        c.address = PathBuf::from(format!("/{}", "a".repeat(120)));
+        let c = Config {
+            address: PathBuf::from(format!("/{}", "a".repeat(120))),
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("107"));
     }
 

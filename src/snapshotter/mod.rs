@@ -117,7 +117,29 @@ pub async fn run(
         .with_context(|| format!("listening on {}", config.address.display()))?;
     tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving");
     ready();
-    let result = serve(sn, listener, shutdown).await;
+    // Once `shutdown` fires, in-flight requests get a grace period; clients
+    // that keep idle connections open must not hold the exit back forever.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+    };
+    let grace = std::time::Duration::from_secs(config.shutdown_timeout_secs);
+    let deadline = async move {
+        if stop_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let server = serve(sn, listener, shutdown);
+    let result = tokio::select! {
+        r = server => r,
+        () = deadline => {
+            tracing::warn!(grace_secs = grace.as_secs(), "connections still open after the shutdown grace period; exiting");
+            Ok(())
+        }
+    };
     let _ = std::fs::remove_file(&config.address);
     result.context("gRPC server")?;
     tracing::info!("stopped");
