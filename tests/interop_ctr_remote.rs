@@ -18,9 +18,11 @@ use support::interop::{self, Converted, TOC_DIGEST_ANNOTATION};
 use support::registry::Registry;
 use support::rootfs;
 
-/// The converted image plus what each layer should contain.
+/// The converted images plus what each layer should contain.
 struct Fixture {
-    converted: Converted,
+    /// (what, converted image): default settings, and 64 KiB chunks so that
+    /// large files are split into many `chunk` entries.
+    converted: Vec<(&'static str, Converted)>,
     /// Per layer: regular-file path -> `sha256:` of its content, from the
     /// source tars.
     expected: Vec<BTreeMap<String, String>>,
@@ -37,12 +39,37 @@ fn convert() -> Fixture {
     let src = registry.push_oci_layout(layout.path(), "1", "e2e/debian");
     let ctrd = Containerd::start(ContainerdOptions::default());
     let blobs = support::temp_dir("esgz-blobs");
-    let converted =
-        interop::convert_to_estargz(&ctrd, &registry, &src, "e2e/debian-esgz", "1", blobs.path());
-    eprintln!(
-        "ctr-remote image convert --estargz: {:?}",
-        converted.convert_time
-    );
+    let variants: [(&str, &[&str]); 2] = [
+        ("default", &[]),
+        (
+            "chunk64k",
+            &[
+                "--estargz-chunk-size",
+                "65536",
+                "--estargz-compression-level",
+                "1",
+            ],
+        ),
+    ];
+    let converted = variants
+        .iter()
+        .map(|(what, extra)| {
+            let c = interop::convert_to_estargz_with(
+                &ctrd,
+                &registry,
+                &src,
+                "e2e/debian-esgz",
+                what,
+                &blobs.path().join(what),
+                extra,
+            );
+            eprintln!(
+                "ctr-remote image convert --estargz ({what}): {:?}",
+                c.convert_time
+            );
+            (*what, c)
+        })
+        .collect();
     let expected = vec![
         image.rootfs.regular_files(),
         rootfs::regular_files_of(&image::tar_of(&image::extra_layer())[..]),
@@ -58,34 +85,39 @@ fn convert() -> Fixture {
 
 /// What the converter produced, checked without our reader: annotations,
 /// DiffIDs, and the files inside each blob.
-fn check_converted(f: &Fixture) {
-    let c = &f.converted;
-    assert_eq!(c.layers.len(), f.image.layout.layers.len(), "layer count");
+fn check_converted(f: &Fixture, what: &str, c: &Converted) {
+    assert_eq!(
+        c.layers.len(),
+        f.image.layout.layers.len(),
+        "{what}: layer count"
+    );
     for (i, l) in c.layers.iter().enumerate() {
         assert_eq!(
             l.media_type,
             image::MEDIA_LAYER_GZIP,
-            "layer {i} media type"
+            "{what} layer {i}: media type"
         );
         let toc = l.toc_digest.as_deref().unwrap_or_else(|| {
             panic!(
-                "layer {i} has no {TOC_DIGEST_ANNOTATION}: {:?}",
+                "{what} layer {i}: no {TOC_DIGEST_ANNOTATION}: {:?}",
                 l.annotations
             )
         });
-        assert!(
-            toc.starts_with("sha256:") && toc.len() == 71,
-            "toc digest {toc}"
+        // The annotation is the digest of the TOC JSON exactly as stored.
+        assert_eq!(
+            support::sha256_digest(&interop::toc_bytes(&l.blob)),
+            toc,
+            "{what} layer {i}: TOC digest annotation"
         );
         assert_eq!(
             interop::gzip_diff_id(&l.blob),
             l.diff_id,
-            "layer {i}: DiffID of the blob != config diff_id"
+            "{what} layer {i}: DiffID of the blob != config diff_id"
         );
         assert_eq!(
             interop::gzip_regular_files(&l.blob),
             f.expected[i],
-            "layer {i}: regular files (path -> digest) differ from the source layer"
+            "{what} layer {i}: regular files (path -> digest) differ from the source layer"
         );
     }
 }
@@ -93,10 +125,26 @@ fn check_converted(f: &Fixture) {
 #[test]
 fn ctr_remote_estargz_matches_source_and_passes_rstargz_reader() {
     let f = convert();
-    check_converted(&f);
-    for (i, l) in f.converted.layers.iter().enumerate() {
-        let toc = l.toc_digest.as_deref().expect("toc digest");
-        reader_checks(i, &l.blob, toc, &f.expected[i], &f.image);
+    for (what, c) in &f.converted {
+        check_converted(&f, what, c);
+    }
+    // 64 KiB chunks split the big files of layer 1 into many chunk entries.
+    let (_, chunked) = &f.converted[1];
+    let toc: serde_json::Value =
+        serde_json::from_slice(&interop::toc_bytes(&chunked.layers[0].blob)).expect("TOC json");
+    let chunks = toc["entries"]
+        .as_array()
+        .expect("entries")
+        .iter()
+        .filter(|e| e["type"] == "chunk")
+        .count();
+    assert!(chunks > 1000, "chunk64k: only {chunks} chunk entries");
+    for (what, c) in &f.converted {
+        for (i, l) in c.layers.iter().enumerate() {
+            let toc = l.toc_digest.as_deref().expect("toc digest");
+            eprintln!("reader checks: {what} layer {i}");
+            reader_checks(i, &l.blob, toc, &f.expected[i], &f.image);
+        }
     }
 }
 

@@ -189,3 +189,23 @@ pub fn gzip_regular_files(blob: &Path) -> BTreeMap<String, String> {
     }
     m
 }
+
+/// The raw bytes of the TOC (`stargz.index.json`) inside an eStargz blob,
+/// found by reading the whole decompressed tar stream (independent of the
+/// footer and of our reader).
+pub fn toc_bytes(blob: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let f = std::fs::File::open(blob).expect("open blob");
+    let mut ar = tar::Archive::new(flate2::read::MultiGzDecoder::new(std::io::BufReader::new(
+        f,
+    )));
+    for e in ar.entries().expect("tar entries") {
+        let mut e = e.expect("tar entry");
+        if e.path().expect("path").to_string_lossy() == "stargz.index.json" {
+            let mut v = Vec::new();
+            e.read_to_end(&mut v).expect("read TOC");
+            return v;
+        }
+    }
+    panic!("{}: no stargz.index.json entry", blob.display());
+}
