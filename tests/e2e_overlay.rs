@@ -152,10 +152,8 @@ fn pull_run_gc(s: &mut Stack, snapshotter: &str) {
 /// `ctr run --rm` with a unique container id; returns stdout.
 fn run_in(ctrd: &Containerd, snapshotter: &str, r: &str, cmd: &[&str]) -> String {
     let id = support::unique_name("e2e");
-    let mut args = vec!["run", "--rm", "--snapshotter", snapshotter, r, &id];
-    args.extend_from_slice(cmd);
     let t = Instant::now();
-    let o = ctrd.ctr_timeout(&args, Duration::from_secs(120));
+    let o = ctrd.run(&["--rm"], snapshotter, r, &id, cmd);
     eprintln!("ctr run {cmd:?}: {:?}", t.elapsed());
     o.stdout
 }
@@ -210,16 +208,8 @@ fn rstargz_daemon_restart_keeps_containers_and_snapshots() {
         Duration::from_secs(300),
     );
     let id = support::unique_name("long");
-    s.ctrd.ctr(&[
-        "run",
-        "--detach",
-        "--snapshotter",
-        "stargz",
-        &r,
-        &id,
-        "sleep",
-        "600",
-    ]);
+    s.ctrd
+        .run(&["--detach"], "stargz", &r, &id, &["sleep", "600"]);
     for kill in [false, true] {
         let daemon = s.daemon.as_mut().expect("daemon");
         // Only what must survive: the layers and the running container's

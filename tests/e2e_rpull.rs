@@ -154,10 +154,8 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
 
 fn run_in(ctrd: &Containerd, r: &str, cmd: &[&str]) -> String {
     let id = support::unique_name("rpull");
-    let mut args = vec!["run", "--rm", "--snapshotter", "stargz", r, &id];
-    args.extend_from_slice(cmd);
     let t = Instant::now();
-    let o = ctrd.ctr_timeout(&args, Duration::from_secs(120));
+    let o = ctrd.run(&["--rm"], "stargz", r, &id, cmd);
     eprintln!("ctr run {cmd:?}: {:?}", t.elapsed());
     o.stdout
 }

@@ -58,16 +58,7 @@ fn guards_clean_up_when_a_test_panics() {
             Duration::from_secs(300),
         );
         let id = support::unique_name("doomed");
-        ctrd.ctr(&[
-            "run",
-            "--detach",
-            "--snapshotter",
-            "stargz",
-            &reference,
-            &id,
-            "sleep",
-            "600",
-        ]);
+        ctrd.run(&["--detach"], "stargz", &reference, &id, &["sleep", "600"]);
         let tasks = ctrd.ctr(&["tasks", "ls"]).stdout;
         let pid = tasks
             .lines()

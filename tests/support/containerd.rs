@@ -149,6 +149,26 @@ impl Containerd {
         )
     }
 
+    /// `ctr run <flags> --snapshotter S --runc-root <private> REF ID CMD...`.
+    /// runc's state goes under this containerd's directory instead of the
+    /// default `/run/containerd/runc`.
+    pub fn run(
+        &self,
+        flags: &[&str],
+        snapshotter: &str,
+        reference: &str,
+        id: &str,
+        cmd: &[&str],
+    ) -> CmdOutput {
+        let runc_root = self.dir.path().join("runc").display().to_string();
+        let mut args = vec!["run"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&["--snapshotter", snapshotter, "--runc-root", &runc_root]);
+        args.extend_from_slice(&[reference, id]);
+        args.extend_from_slice(cmd);
+        self.ctr_timeout(&args, Duration::from_secs(120))
+    }
+
     /// Debian's `ctr-remote` (stargz-snapshotter's ctr) against this
     /// containerd.
     pub fn ctr_remote(&self, args: &[&str]) -> CmdOutput {
