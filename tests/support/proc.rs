@@ -322,3 +322,15 @@ pub fn unmount_all_under(dir: &Path) -> Vec<PathBuf> {
     }
     done
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn unescapes_mountinfo_octal() {
+        assert_eq!(
+            super::unescape_mountinfo(r"/tmp/a\040b\134c"),
+            r"/tmp/a b\c"
+        );
+        assert_eq!(super::unescape_mountinfo(r"/x\04"), r"/x\04");
+    }
+}
