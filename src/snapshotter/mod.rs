@@ -145,3 +145,28 @@ pub async fn run(
     tracing::info!("stopped");
     Ok(())
 }
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stale_socket_replaced_live_one_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("run/sub/s.sock");
+        let live = bind_socket(&path).unwrap();
+        let mode = std::fs::metadata(path.parent().unwrap()).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o700
+        );
+        let err = bind_socket(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        drop(live);
+        assert!(path.exists(), "a dead listener leaves its socket file");
+        let _again = bind_socket(&path).unwrap();
+        let file = d.path().join("plain");
+        std::fs::write(&file, b"").unwrap();
+        assert!(bind_socket(&file).is_err(), "never deletes a non-socket");
+    }
+}

@@ -55,7 +55,7 @@ fn crash_at_every_step_leaves_a_consistent_store() {
         let e = sn
             .create(Kind::Active, "lost", "base", BTreeMap::new())
             .unwrap_err();
-        assert!(matches!(e, Error::Internal(_)), "{e}");
+        assert!(matches!(e, Error::SimulatedCrash(_)), "{e}");
         // The crash left debris but never a record without its directory.
         assert!(sn.stat("lost").is_err());
         sn = reopen(root, sn);
@@ -192,6 +192,11 @@ async fn remote_prepare_commits_target_and_unmounts_on_remove() {
             .iter()
             .any(|o| o.contains(&fs.to_string_lossy().to_string()))
     );
+    assert_eq!(sn.checked_mounts("ctr").await.unwrap(), m);
+    // The remote layer dies: Mounts notices and remounts it.
+    remote.unmount(&fs).await.unwrap();
+    assert_eq!(sn.checked_mounts("ctr").await.unwrap(), m);
+    assert!(fs.join("hello").exists(), "remounted by Mounts");
     let e = sn.remove("sha256:chain1".into()).await.unwrap_err();
     assert!(matches!(e, Error::FailedPrecondition(_)));
     assert!(
