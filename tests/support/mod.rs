@@ -12,6 +12,11 @@
 //!   optional second layer), pushed with `skopeo`.
 //! - [`interop`]: `ctr-remote image convert --estargz` and extraction of the
 //!   converted blobs and their TOC-digest annotations.
+//! - [`proc`]: commands with timeouts and readable failures, servers that
+//!   die with the test, process-tree kills and lazy unmounts for cleanup.
+//!
+//! Temp dirs are `/tmp/rstargz-t-*` and record their owner; [`reap_stale`]
+//! cleans up after test processes that were killed outright.
 //!
 //! Every test binary includes this module with `mod support;` and uses only
 //! part of it, hence the `dead_code` allowance.
