@@ -409,19 +409,27 @@ async fn restart_keeps_state_and_stale_socket_is_replaced() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o700);
-    // SIGTERM with a client still connected: exits within the grace period.
-    drop(d);
+    drop(c);
 }
 
 #[test]
 fn sigterm_with_an_open_idle_connection_exits_within_grace() {
     let dir = common::workdir();
-    std::fs::write(
-        dir.path().join("config.toml"),
-        "shutdown_timeout_secs = 1\n",
-    )
-    .unwrap();
+    // The file names other paths; the flags Daemon::start passes win.
+    let cfg = format!(
+        "shutdown_timeout_secs = 1\naddress = \"{0}/cfg.sock\"\nroot = \"{0}/cfg-root\"\n",
+        dir.path().display()
+    );
+    std::fs::write(dir.path().join("config.toml"), cfg).unwrap();
     let mut d = common::Daemon::start(dir.path());
+    assert!(
+        !dir.path().join("cfg-root").exists(),
+        "--root overrides root"
+    );
+    assert!(
+        !dir.path().join("cfg.sock").exists(),
+        "--address overrides address"
+    );
     // A raw connection that never speaks HTTP/2 nor answers pings.
     let _idle = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -454,4 +462,24 @@ fn bad_config_is_rejected_with_the_key() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
+}
+
+#[test]
+fn systemd_readiness_and_stopping_are_notified() {
+    let dir = common::workdir();
+    let notify = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut d = common::Daemon::start_with_env(dir.path(), &[("NOTIFY_SOCKET", &notify)]);
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "READY=1");
+    assert!(
+        std::os::unix::net::UnixStream::connect(&d.socket).is_ok(),
+        "listening when READY"
+    );
+    assert!(d.terminate());
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
 }

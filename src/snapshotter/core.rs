@@ -19,6 +19,7 @@
 //! the blocking pool.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -105,7 +106,11 @@ impl Snapshotter {
     /// debris. Blocking; does not touch remote mounts (see
     /// [`Snapshotter::restore_remote`]).
     pub fn open_blocking(root: &Path, remote: Arc<dyn RemoteFs>) -> Result<Snapshotter> {
-        std::fs::create_dir_all(root).map_err(|e| Error::io("create", root, e))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(|e| Error::io("create", root, e))?;
         let layout = Layout::new(root)?;
         let store = Store::open(&root.join("metadata.redb"))?;
         let s = Snapshotter {
