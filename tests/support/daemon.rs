@@ -1,0 +1,173 @@
+//! Our snapshotter daemon, `rstargz-grpc`, on its own socket and root.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::proc::{self, Server};
+use super::{temp_dir, wait_for};
+
+pub struct Daemon {
+    /// The gRPC socket (`[proxy_plugins.stargz] address`).
+    pub address: PathBuf,
+    pub root: PathBuf,
+    config: Option<PathBuf>,
+    server: Option<Server>,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `rstargz-grpc` with no config file.
+    pub fn start() -> Daemon {
+        Self::start_with_config(None)
+    }
+
+    /// Starts `rstargz-grpc`, with `config` (TOML text) written to a file
+    /// and passed as `--config` when given.
+    pub fn start_with_config(config: Option<&str>) -> Daemon {
+        let dir = temp_dir("daemon");
+        let address = dir.path().join("rstargz.sock");
+        let root = dir.path().join("root");
+        let config = config.map(|c| {
+            let p = dir.path().join("config.toml");
+            std::fs::write(&p, c).expect("write daemon config");
+            p
+        });
+        let mut d = Daemon {
+            address,
+            root,
+            config,
+            server: None,
+            dir,
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rstargz-grpc"));
+        cmd.arg("--address")
+            .arg(&self.address)
+            .arg("--root")
+            .arg(&self.root)
+            .args(["--log-level", "debug"]);
+        if let Some(c) = &self.config {
+            cmd.arg("--config").arg(c);
+        }
+        let log = self.dir.path().join("rstargz.log");
+        self.server = Some(Server::spawn("rstargz-grpc", &mut cmd, &log));
+        let up = wait_for(Duration::from_secs(30), || {
+            if self.server.as_mut().expect("server").exited().is_some() {
+                return Some(false);
+            }
+            std::os::unix::net::UnixStream::connect(&self.address)
+                .ok()
+                .map(|_| true)
+        });
+        if up != Some(true) {
+            panic!(
+                "rstargz-grpc did not listen on {}; log:\n{}",
+                self.address.display(),
+                self.log_tail()
+            );
+        }
+    }
+
+    /// Stops the daemon with SIGTERM (SIGKILL with `kill`), then starts it
+    /// again on the same socket, root and config.
+    pub fn restart(&mut self, kill: bool) {
+        if let Some(mut s) = self.server.take() {
+            if kill {
+                proc::signal(s.pid(), libc::SIGKILL);
+            }
+            s.stop(Duration::from_secs(10));
+        }
+        self.spawn();
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn log_tail(&self) -> String {
+        self.server
+            .as_ref()
+            .map(|s| s.log_tail(8000))
+            .unwrap_or_default()
+    }
+
+    /// Entries left under `<root>/snapshots/` (snapshot directories on disk).
+    pub fn snapshot_dirs(&self) -> Vec<String> {
+        std::fs::read_dir(self.root.join("snapshots"))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Mount points below the daemon's temp dir (root and sockets).
+    pub fn mounts(&self) -> Vec<PathBuf> {
+        proc::mounts_under(self.dir.path())
+    }
+
+    /// The daemon's whole log so far.
+    pub fn log(&self) -> String {
+        self.server
+            .as_ref()
+            .map(|s| {
+                String::from_utf8_lossy(&std::fs::read(&s.log).unwrap_or_default()).into_owned()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Keys of every snapshot the daemon holds, asked over its own socket
+    /// (`ctr snapshots ls` speaks the snapshots API directly to it).
+    pub fn snapshot_keys(&self) -> Vec<String> {
+        let o = super::run_ok(
+            Command::new("ctr")
+                .arg("--address")
+                .arg(&self.address)
+                .args(["snapshots", "--snapshotter", "stargz", "ls"]),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "listing the daemon's snapshots: {e}\nlog:\n{}",
+                self.log_tail()
+            )
+        });
+        o.stdout
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(String::from))
+            .collect()
+    }
+
+    /// Panics with the daemon's log if it died.
+    pub fn assert_alive(&mut self) {
+        if let Some(s) = self.server.as_mut() {
+            s.assert_alive();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SIGTERM first: the daemon should unmount its FUSE layers itself.
+        if let Some(mut s) = self.server.take() {
+            s.stop(Duration::from_secs(10));
+        }
+        let d = self.dir.path().to_path_buf();
+        let left = proc::unmount_all_under(&d);
+        if !left.is_empty() {
+            eprintln!("daemon guard: had to unmount {left:?} after rstargz-grpc stopped");
+        }
+        if let Err(e) = std::fs::remove_dir_all(&d)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!("daemon guard: cannot remove {}: {e}", d.display());
+        }
+    }
+}
