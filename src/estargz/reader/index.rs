@@ -230,7 +230,7 @@ impl<'o> Builder<'o> {
             });
         }
         let mut records = self.records(toc)?;
-        set_next_offsets(&mut records, self.toc_offset);
+        set_next_offsets(&mut records, self.toc_offset)?;
 
         // Duplicate names: the last one wins.
         let mut winner: HashMap<&str, usize> = HashMap::with_capacity(records.len());
@@ -567,18 +567,28 @@ impl<'o> Builder<'o> {
 /// `NextOffset`: a payload's compressed data ends where the next gzip member
 /// that starts a payload (`offset != 0 && innerOffset == 0`) begins, else at
 /// the TOC. Computed over all records, superseded duplicates included,
-/// because member boundaries are physical.
-fn set_next_offsets(records: &mut [Record], toc_offset: u64) {
+/// because member boundaries are physical. Also bounds `innerOffset` by
+/// what the compressed range could possibly inflate to.
+fn set_next_offsets(records: &mut [Record], toc_offset: u64) -> Result<()> {
     let mut next = toc_offset;
     for r in records.iter_mut().rev() {
         for c in r.chunks.iter_mut().rev() {
             c.next_offset = next;
+            // Offsets increase strictly across members (checked earlier).
+            let max_inflated = next.saturating_sub(c.offset).saturating_mul(MAX_DEFLATE_RATIO);
+            if c.inner_offset >= max_inflated {
+                return Err(invalid(&r.path, "innerOffset beyond what its member can hold"));
+            }
             if c.inner_offset == 0 {
                 next = c.offset;
             }
         }
     }
+    Ok(())
 }
+
+/// Deflate cannot expand data more than about 1032:1; round up.
+const MAX_DEFLATE_RATIO: u64 = 1100;
 
 /// Chunks must start at 0 and be contiguous up to exactly the file size.
 fn check_tiling(r: &Record) -> Result<()> {
