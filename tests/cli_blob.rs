@@ -40,7 +40,10 @@ fn verify_ls_cat() {
     let o = rstargz(&["blob", "verify", &blob]);
     let stdout = String::from_utf8(o.stdout).unwrap();
     assert!(o.status.success(), "{stdout}");
-    assert!(stdout.contains("7 entries, 2 files, 4 chunks, 9008 bytes verified"), "{stdout}");
+    assert!(
+        stdout.contains("7 entries, 2 files, 4 chunks, 9008 bytes verified"),
+        "{stdout}"
+    );
 
     let o = rstargz(&["blob", "verify", "--json", &blob]);
     assert!(o.status.success());
@@ -48,7 +51,11 @@ fn verify_ls_cat() {
     assert_eq!(v["ok"], true);
     assert_eq!(v["chunks"], 4);
     let toc = v["toc_digest"].as_str().unwrap().to_string();
-    assert!(rstargz(&["blob", "verify", "--toc-digest", &toc, &blob]).status.success());
+    assert!(
+        rstargz(&["blob", "verify", "--toc-digest", &toc, &blob])
+            .status
+            .success()
+    );
     let wrong = Digest::of(b"x").to_string();
     let o = rstargz(&["blob", "verify", "--toc-digest", &wrong, &blob]);
     assert_eq!(o.status.code(), Some(1));
@@ -59,9 +66,21 @@ fn verify_ls_cat() {
     let ls = String::from_utf8(o.stdout).unwrap();
     let lines: Vec<&str> = ls.lines().collect();
     assert_eq!(lines.len(), 7, "{ls}");
-    assert!(lines.iter().any(|l| l.starts_with("symlink") && l.ends_with("bin/t -> tool")));
-    assert!(lines.iter().any(|l| l.starts_with("hardlink") && l.ends_with("bin/tool2 -> bin/tool")));
-    assert!(lines.iter().any(|l| l.starts_with("reg      0644 0:0         9000 bin/tool")));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("symlink") && l.ends_with("bin/t -> tool"))
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("hardlink") && l.ends_with("bin/tool2 -> bin/tool"))
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("reg      0644 0:0         9000 bin/tool"))
+    );
 
     let o = rstargz(&["blob", "ls", "--json", &blob]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -78,9 +97,12 @@ fn verify_ls_cat() {
 #[test]
 fn verify_names_the_bad_chunk() {
     let dir = tempfile::tempdir().unwrap();
-    let blob = build_with(&[Spec::File("bin/tool", &pattern(9000, 4), 4000, false)], |t| {
-        t.entries[2].chunk_digest = Digest::of(b"bad").to_string();
-    });
+    let blob = build_with(
+        &[Spec::File("bin/tool", &pattern(9000, 4), 4000, false)],
+        |t| {
+            t.entries[2].chunk_digest = Digest::of(b"bad").to_string();
+        },
+    );
     let blob = write_blob(dir.path(), "bad.esgz", &blob);
     let o = rstargz(&["blob", "verify", &blob]);
     assert_eq!(o.status.code(), Some(1));
@@ -92,7 +114,11 @@ fn verify_names_the_bad_chunk() {
     assert_eq!(v["ok"], false);
     assert!(v["error"].as_str().unwrap().contains("bin/tool"));
 
-    let garbage = write_blob(dir.path(), "garbage", b"definitely not a blob, far too short? no: long enough to hold a footer.");
+    let garbage = write_blob(
+        dir.path(),
+        "garbage",
+        b"definitely not a blob, far too short? no: long enough to hold a footer.",
+    );
     let o = rstargz(&["blob", "verify", &garbage]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("invalid footer"));

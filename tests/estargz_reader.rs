@@ -20,7 +20,6 @@ fn open(blob: &[u8]) -> Result<BlobReader<&[u8]>, Error> {
     BlobReader::open(blob, &ReaderOptions::default(), None)
 }
 
-
 // ------------------------------------------------------------ well-formed --
 
 #[test]
@@ -62,6 +61,11 @@ fn reads_files_dirs_and_metadata() {
     assert_eq!(hosts.mtime, 1_566_297_043);
     assert_eq!(hosts.xattrs["user.k"], b"v\0bin");
     assert_eq!(hosts.mode, 0o644);
+    assert_eq!(hosts.parent, ix.lookup("etc").unwrap());
+    assert_eq!(
+        ix.node(ix.lookup("etc").unwrap()).unwrap().parent,
+        Index::ROOT
+    );
 
     // Names carried forward per uid/gid.
     let big_node = ix.node(ix.lookup("usr/lib/deep/big.bin").unwrap()).unwrap();
@@ -74,10 +78,18 @@ fn reads_files_dirs_and_metadata() {
     assert_eq!(usr.mode, 0o755);
 
     let lnk = ix.node(ix.lookup("lnk").unwrap()).unwrap();
-    assert_eq!(lnk.kind, NodeKind::Symlink { target: "etc/hosts".into() });
+    assert_eq!(
+        lnk.kind,
+        NodeKind::Symlink {
+            target: "etc/hosts".into()
+        }
+    );
     let null = ix.node(ix.lookup("dev/null").unwrap()).unwrap();
     assert_eq!(null.kind, NodeKind::Char { major: 1, minor: 3 });
-    assert_eq!(ix.node(ix.lookup("pipe").unwrap()).unwrap().kind, NodeKind::Fifo);
+    assert_eq!(
+        ix.node(ix.lookup("pipe").unwrap()).unwrap().kind,
+        NodeKind::Fifo
+    );
 
     // Root children sorted, dir nlink = 2 + subdirs.
     let names: Vec<&str> = ix.children(Index::ROOT).iter().map(|(n, _)| &**n).collect();
@@ -96,14 +108,20 @@ fn reads_files_dirs_and_metadata() {
 #[test]
 fn chunked_file_lookup_and_decode() {
     let data = pattern(10_000, 7);
-    let blob = build(&[Spec::File("f", &data, 3000, false), Spec::File("g", b"tail", 0, false)]);
+    let blob = build(&[
+        Spec::File("f", &data, 3000, false),
+        Spec::File("g", b"tail", 0, false),
+    ]);
     let r = open(&blob).unwrap();
     let ix = r.index();
     let f = ix.lookup("f").unwrap();
     let chunks: Vec<_> = ix.chunks_of(f).collect();
     assert_eq!(chunks.len(), 4);
     assert_eq!(
-        chunks.iter().map(|c| (c.chunk_offset, c.chunk_size)).collect::<Vec<_>>(),
+        chunks
+            .iter()
+            .map(|c| (c.chunk_offset, c.chunk_size))
+            .collect::<Vec<_>>(),
         [(0, 3000), (3000, 3000), (6000, 3000), (9000, 1000)]
     );
     // NextOffset: each chunk ends where the next member starts.
@@ -119,7 +137,10 @@ fn chunked_file_lookup_and_decode() {
         let c = ix.chunk_for(f, off).unwrap();
         assert!(c.chunk_offset <= off && off < c.chunk_end());
         let bytes = r.read_chunk(&c).unwrap();
-        assert_eq!(bytes, &data[c.chunk_offset as usize..c.chunk_end() as usize]);
+        assert_eq!(
+            bytes,
+            &data[c.chunk_offset as usize..c.chunk_end() as usize]
+        );
     }
     assert!(ix.chunk_for(f, 10_000).is_none());
     assert_eq!(ix.all_chunks().count(), 5);
@@ -167,7 +188,10 @@ fn hardlinks_share_a_node() {
     assert_eq!(r.read_file("sbin/init").unwrap(), b"BB");
     assert_eq!(r.verify_all().unwrap().files, 1);
     let walked: Vec<String> = ix.walk().into_iter().map(|(p, _)| p).collect();
-    assert_eq!(walked, ["", "bin", "bin/busybox", "bin/sh", "sbin", "sbin/init"]);
+    assert_eq!(
+        walked,
+        ["", "bin", "bin/busybox", "bin/sh", "sbin", "sbin/init"]
+    );
 }
 
 #[test]
@@ -268,7 +292,9 @@ fn legacy_footer_and_no_chunk_digests() {
     toc.entries[0].digest = Digest::of(b"something else").to_string();
     let blob = w.finish_with_json(&serde_json::to_vec(&toc).unwrap(), true);
     let r = BlobReader::open(&blob[..], &opts, None).unwrap();
-    assert!(matches!(r.verify_all(), Err(Error::FileDigestMismatch { ref name, .. }) if name == "a"));
+    assert!(
+        matches!(r.verify_all(), Err(Error::FileDigestMismatch { ref name, .. }) if name == "a")
+    );
 }
 
 #[test]
@@ -335,14 +361,20 @@ fn every_single_byte_flip_is_an_error_or_harmless() {
 fn corrupted_chunk_data_is_detected() {
     let blob = sample();
     let r = open(&blob).unwrap();
-    let c = r.index().chunk_for(r.index().lookup("d/f").unwrap(), 1500).unwrap();
+    let c = r
+        .index()
+        .chunk_for(r.index().lookup("d/f").unwrap(), 1500)
+        .unwrap();
     let mid = (c.compressed_offset + c.compressed_len() / 2) as usize;
     let mut b = blob.clone();
     b[mid] ^= 0x01;
     let r = open(&b).unwrap();
     let err = r.verify_all().unwrap_err();
     assert!(
-        matches!(err, Error::BadChunk { .. } | Error::ChunkDigestMismatch { .. }),
+        matches!(
+            err,
+            Error::BadChunk { .. } | Error::ChunkDigestMismatch { .. }
+        ),
         "{err:?}"
     );
     assert!(err.to_string().contains("d/f"));
@@ -361,7 +393,10 @@ fn chunk_digest_mismatch_names_the_chunk() {
         other => panic!("{other:?}"),
     }
     // Chunk 0 still reads fine.
-    let c = r.index().chunk_for(r.index().lookup("f").unwrap(), 0).unwrap();
+    let c = r
+        .index()
+        .chunk_for(r.index().lookup("f").unwrap(), 0)
+        .unwrap();
     r.read_chunk(&c).unwrap();
 }
 
@@ -369,7 +404,13 @@ fn chunk_digest_mismatch_names_the_chunk() {
 fn wrong_footers() {
     let blob = sample();
     let n = blob.len();
-    for (at, val) in [(n - 51, 0u8), (n - 51 + 12, b'X'), (n - 51 + 20, b'z'), (n - 51 + 35, b'x'), (n - 1, 1)] {
+    for (at, val) in [
+        (n - 51, 0u8),
+        (n - 51 + 12, b'X'),
+        (n - 51 + 20, b'z'),
+        (n - 51 + 35, b'x'),
+        (n - 1, 1),
+    ] {
         let mut b = blob.clone();
         b[at] = val;
         assert!(
@@ -387,10 +428,16 @@ fn toc_offset_past_end() {
     let n = blob.len();
     blob.truncate(n - 51);
     blob.extend_from_slice(&footer::build(n as u64 * 10));
-    assert!(matches!(open(&blob), Err(Error::TocOffsetOutOfRange { .. })));
+    assert!(matches!(
+        open(&blob),
+        Err(Error::TocOffsetOutOfRange { .. })
+    ));
     blob.truncate(n - 51);
     blob.extend_from_slice(&footer::build(u64::MAX));
-    assert!(matches!(open(&blob), Err(Error::TocOffsetOutOfRange { .. })));
+    assert!(matches!(
+        open(&blob),
+        Err(Error::TocOffsetOutOfRange { .. })
+    ));
 }
 
 /// A blob whose TOC member is `member` (whatever it is) after one file.
@@ -443,7 +490,9 @@ fn toc_member_not_gzip_not_tar_wrong_name_truncated() {
     for (what, member) in cases {
         let blob = with_member(&member);
         match open(&blob) {
-            Err(Error::InvalidToc(_)) | Err(Error::Io(_)) | Err(Error::TocOffsetOutOfRange { .. }) => {}
+            Err(Error::InvalidToc(_))
+            | Err(Error::Io(_))
+            | Err(Error::TocOffsetOutOfRange { .. }) => {}
             other => panic!("{what}: {:?}", other.map(|_| ())),
         }
     }
@@ -539,7 +588,9 @@ fn bad_chunk_offsets_and_sizes() {
         t.entries[1].offset = t.entries[0].offset;
     })));
     // Out of range: at or past the TOC.
-    assert!(is_invalid_entry(open_edited(|t| t.entries[2].offset = 1 << 40)));
+    assert!(is_invalid_entry(open_edited(
+        |t| t.entries[2].offset = 1 << 40
+    )));
     assert!(is_invalid_entry(open_edited(|t| t.entries[2].offset = 0)));
     // Out of order.
     assert!(is_invalid_entry(open_edited(|t| {
@@ -547,8 +598,12 @@ fn bad_chunk_offsets_and_sizes() {
         t.entries[2].offset = o;
     })));
     // Gap and overlap in chunkOffset; chunks not covering the size.
-    assert!(is_invalid_entry(open_edited(|t| t.entries[1].chunk_offset = 1001)));
-    assert!(is_invalid_entry(open_edited(|t| t.entries[1].chunk_offset = 999)));
+    assert!(is_invalid_entry(open_edited(
+        |t| t.entries[1].chunk_offset = 1001
+    )));
+    assert!(is_invalid_entry(open_edited(
+        |t| t.entries[1].chunk_offset = 999
+    )));
     assert!(is_invalid_entry(open_edited(|t| {
         t.entries[0].size = 2500;
         t.entries[1].chunk_size = 1000;
@@ -557,7 +612,9 @@ fn bad_chunk_offsets_and_sizes() {
         t.entries[0].size = 1500;
         t.entries[1].chunk_size = 1000;
     })));
-    assert!(is_invalid_entry(open_edited(|t| t.entries[1].chunk_offset = 3000)));
+    assert!(is_invalid_entry(open_edited(
+        |t| t.entries[1].chunk_offset = 3000
+    )));
     // Overflowing sums.
     assert!(is_invalid_entry(open_edited(|t| {
         t.entries[0].chunk_size = i64::MAX;
@@ -601,20 +658,40 @@ fn negative_numbers_rejected() {
         });
         assert!(is_invalid_entry(r), "field {field}");
     }
-    assert!(is_invalid_entry(open_edited(|t| t.entries[0].uid = 1 << 40)));
+    assert!(is_invalid_entry(
+        open_edited(|t| t.entries[0].uid = 1 << 40)
+    ));
 }
 
 #[test]
 fn hostile_names() {
-    for name in ["../etc/passwd", "a/../../b", "/etc/passwd", "a\0b", "a//b", "", "..", &"x/".repeat(3000)] {
+    for name in [
+        "../etc/passwd",
+        "a/../../b",
+        "/etc/passwd",
+        "a\0b",
+        "a//b",
+        "",
+        "..",
+        &"x/".repeat(3000),
+    ] {
         let r = open_edited(|t| t.entries[2].name = name.to_string());
-        assert!(matches!(r, Err(Error::InvalidName { .. })), "{name:?}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::InvalidName { .. })),
+            "{name:?}: {r:?}"
+        );
     }
     // A file in the way of a directory.
     assert!(is_invalid_entry(open_edited(|t| {
         let mut e = JsonEntry::new("b/c", EntryType::Fifo);
         e.mode = 0o600;
         t.entries.push(e);
+    })));
+    // An xattr name with a NUL.
+    assert!(is_invalid_entry(open_edited(|t| {
+        t.entries[2]
+            .xattrs
+            .insert("user.a\0b".into(), Xattr(b"v".to_vec()));
     })));
     // A symlink with an empty target.
     assert!(is_invalid_entry(open_edited(|t| {
@@ -628,12 +705,7 @@ fn hostile_names() {
 
 #[test]
 fn bad_hardlinks() {
-    let cases: [(&str, &str); 4] = [
-        ("h", "missing"),
-        ("h", "d"),
-        ("h", "../a"),
-        ("h", "h"),
-    ];
+    let cases: [(&str, &str); 4] = [("h", "missing"), ("h", "d"), ("h", "../a"), ("h", "h")];
     for (name, target) in cases {
         let r = open_edited(|t| {
             t.entries.push(JsonEntry::new("d/", EntryType::Dir));
@@ -641,7 +713,10 @@ fn bad_hardlinks() {
             e.link_name = target.into();
             t.entries.push(e);
         });
-        assert!(matches!(r, Err(Error::BrokenHardlink { .. })), "{target}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::BrokenHardlink { .. })),
+            "{target}: {r:?}"
+        );
     }
     // A cycle of two hardlinks.
     let r = open_edited(|t| {
@@ -674,8 +749,15 @@ fn bad_versions_digests_and_json() {
         open_edited(|t| t.entries[0].chunk_digest.clear()),
         Err(Error::Unverifiable { .. })
     ));
-    assert!(is_invalid_entry(open_edited(|t| t.entries[2].modtime = "yesterday".into())));
-    for json in [&b"not json"[..], b"{\"version\":1,\"entries\":[{\"type\":\"socket\",\"name\":\"x\"}]}", b"[]", b"{\"version\":1,\"entries\":[{\"name\":\"a\",\"type\":\"reg\",\"size\":1e99}]}"] {
+    assert!(is_invalid_entry(open_edited(
+        |t| t.entries[2].modtime = "yesterday".into()
+    )));
+    for json in [
+        &b"not json"[..],
+        b"{\"version\":1,\"entries\":[{\"type\":\"socket\",\"name\":\"x\"}]}",
+        b"[]",
+        b"{\"version\":1,\"entries\":[{\"name\":\"a\",\"type\":\"reg\",\"size\":1e99}]}",
+    ] {
         let blob = with_member(&toc_member(TOC_NAME, json));
         assert!(matches!(open(&blob), Err(Error::InvalidToc(_))));
     }
@@ -692,4 +774,37 @@ fn too_many_entries() {
         BlobReader::open(&blob[..], &opts, None),
         Err(Error::TooManyEntries { limit: 2 })
     ));
+}
+
+/// Writes seed inputs for the fuzz targets when `RSTARGZ_FUZZ_SEEDS` names
+/// a directory (see `fuzz/README.md`); otherwise does nothing.
+#[test]
+fn write_fuzz_seeds() {
+    let Some(dir) = std::env::var_os("RSTARGZ_FUZZ_SEEDS") else {
+        return;
+    };
+    let dir = std::path::Path::new(&dir);
+    for sub in ["footer", "toc"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    let blobs = [
+        sample(),
+        build(&[
+            Spec::File("a", &pattern(700, 1), 0, false),
+            Spec::File("b", &pattern(300, 2), 100, true),
+            Spec::Hardlink("c", "a"),
+            Spec::Char("dev/x", 1, 2),
+        ]),
+        build(&[]),
+    ];
+    for (i, blob) in blobs.iter().enumerate() {
+        std::fs::write(dir.join(format!("footer/seed{i}")), blob).unwrap();
+        let r = open(blob).unwrap();
+        let loc = locate_toc(blob, blob.len() as u64, &ReaderOptions::default()).unwrap();
+        let member = &blob[loc.member.start as usize..loc.member.end as usize];
+        std::fs::write(dir.join(format!("toc/member{i}")), member).unwrap();
+        let json = rstargz::estargz::reader::toc_member::extract_json(member, 1 << 20).unwrap();
+        std::fs::write(dir.join(format!("toc/json{i}")), json).unwrap();
+        drop(r);
+    }
 }

@@ -86,13 +86,17 @@ fn open_blob(path: &Path, open: &OpenArgs, toc: Option<&Digest>) -> Result<BlobR
     BlobReader::open(f, &open.options(), toc).with_context(|| format!("reading {}", path.display()))
 }
 
-fn verify(path: &Path, toc_digest: Option<&str>, as_json: bool, open: &OpenArgs) -> Result<ExitCode> {
+fn verify(
+    path: &Path,
+    toc_digest: Option<&str>,
+    as_json: bool,
+    open: &OpenArgs,
+) -> Result<ExitCode> {
     let expected = toc_digest
         .map(Digest::parse)
         .transpose()
         .context("--toc-digest")?;
-    let res = open_blob(path, open, expected.as_ref())
-        .and_then(|r| Ok((r.verify_all()?, r)));
+    let res = open_blob(path, open, expected.as_ref()).and_then(|r| Ok((r.verify_all()?, r)));
     let (report, reader) = match res {
         Ok(v) => v,
         Err(e) if as_json => {

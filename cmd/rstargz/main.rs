@@ -7,7 +7,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rstargz", version, about = "eStargz tools for the rstargz snapshotter")]
+#[command(
+    name = "rstargz",
+    version,
+    about = "eStargz tools for the rstargz snapshotter"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

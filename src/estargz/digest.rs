@@ -101,7 +101,10 @@ mod tests {
             &good.replace("sha256:", "sha256-"),
             &format!("{}g", &good[..good.len() - 1]),
         ] {
-            assert!(matches!(Digest::parse(bad), Err(Error::InvalidDigest(_))), "{bad}");
+            assert!(
+                matches!(Digest::parse(bad), Err(Error::InvalidDigest(_))),
+                "{bad}"
+            );
         }
     }
 }

@@ -11,7 +11,6 @@ use rstargz::estargz::digest::Digest;
 use rstargz::estargz::footer;
 use rstargz::estargz::toc::{EntryType, JsonEntry, JsonToc};
 
-
 /// One input entry for the test writer.
 pub enum Spec<'a> {
     Dir(&'a str),
@@ -51,7 +50,10 @@ impl TestWriter {
     }
 
     pub fn new_member(&mut self) {
-        let gz = std::mem::replace(&mut self.gz, GzEncoder::new(Vec::new(), Compression::default()));
+        let gz = std::mem::replace(
+            &mut self.gz,
+            GzEncoder::new(Vec::new(), Compression::default()),
+        );
         let bytes = gz.finish().unwrap();
         self.out.extend_from_slice(&bytes);
         self.member_start = self.out.len() as u64;
@@ -212,5 +214,7 @@ pub fn build(specs: &[Spec]) -> Vec<u8> {
 }
 
 pub fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+    (0..n)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
 }

@@ -3,12 +3,12 @@
 
 use std::io::Write;
 
-use super::chunk::{ChunkRef, decode_chunk, decode_chunk_into};
+use super::ReaderOptions;
+use super::chunk::{ChunkRef, decode_chunk_into};
 use super::index::{Index, NodeId, NodeKind};
 use super::locate::{TocLocation, locate_toc, tail_len};
 use super::read_at::{RangeReader, ReadAt};
 use super::toc_member::parse_toc_member;
-use super::ReaderOptions;
 use crate::estargz::digest::{Digest, Hasher};
 use crate::estargz::error::{Error, Result};
 use crate::estargz::footer::FooterKind;
@@ -83,12 +83,14 @@ impl<R: ReadAt> BlobReader<R> {
         self.location.blob_size
     }
 
-    /// Reads and decodes one chunk, verifying its digest.
+    /// Reads and decodes one chunk, verifying its digest. The compressed
+    /// range is streamed (only what decoding needs is read), and the result
+    /// grows only as real data inflates, whatever size the TOC claims.
     pub fn read_chunk(&self, chunk: &ChunkRef) -> Result<Vec<u8>> {
-        let mut compressed = vec![0u8; chunk.compressed_len() as usize];
-        self.src
-            .read_exact_at(chunk.compressed_offset, &mut compressed)?;
-        decode_chunk(&compressed, chunk)
+        let src = RangeReader::new(&self.src, chunk.compressed_offset, chunk.compressed_end);
+        let mut out = Vec::with_capacity(chunk.chunk_size.min(1 << 20) as usize);
+        decode_chunk_into(src, chunk, &mut out)?;
+        Ok(out)
     }
 
     /// Writes a regular file's content to `out`, chunk by chunk, verifying

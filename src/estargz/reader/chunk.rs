@@ -100,7 +100,9 @@ impl Index {
             .collect();
         // The chunk table is in TOC (= blob) order; order files by it.
         files.sort_by_key(|&(_, start)| start);
-        files.into_iter().flat_map(move |(id, _)| self.chunks_of(id))
+        files
+            .into_iter()
+            .flat_map(move |(id, _)| self.chunks_of(id))
     }
 }
 
@@ -109,9 +111,10 @@ impl Index {
 /// and verifies its digest.
 pub fn decode_chunk(compressed: &[u8], chunk: &ChunkRef) -> Result<Vec<u8>> {
     // Preallocate only what the input could plausibly inflate to.
-    let cap = chunk.chunk_size.min(16 << 20).min(
-        (compressed.len() as u64).saturating_mul(8),
-    );
+    let cap = chunk
+        .chunk_size
+        .min(16 << 20)
+        .min((compressed.len() as u64).saturating_mul(8));
     let mut out = Vec::with_capacity(cap as usize);
     decode_chunk_into(compressed, chunk, &mut out)?;
     Ok(out)

@@ -26,7 +26,9 @@ pub struct NodeId(pub u32);
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeKind {
     /// Children sorted by name.
-    Dir { children: Vec<(Box<str>, NodeId)> },
+    Dir {
+        children: Vec<(Box<str>, NodeId)>,
+    },
     Reg {
         size: u64,
         /// Whole-file digest, when the TOC has one.
@@ -34,9 +36,17 @@ pub enum NodeKind {
         /// Range into the index's chunk table; empty for empty files.
         chunks: std::ops::Range<u32>,
     },
-    Symlink { target: Box<str> },
-    Char { major: u32, minor: u32 },
-    Block { major: u32, minor: u32 },
+    Symlink {
+        target: Box<str>,
+    },
+    Char {
+        major: u32,
+        minor: u32,
+    },
+    Block {
+        major: u32,
+        minor: u32,
+    },
     Fifo,
 }
 
@@ -57,6 +67,9 @@ pub struct Node {
     pub xattrs: BTreeMap<String, Vec<u8>>,
     /// Link count: names for non-directories, 2 + subdirectories for dirs.
     pub nlink: u32,
+    /// The directory holding the node's first name (root: itself), so FUSE
+    /// can answer `..` without a path map.
+    pub parent: NodeId,
 }
 
 impl Node {
@@ -337,18 +350,28 @@ impl<'o> Builder<'o> {
             .checked_add(chunk_size)
             .ok_or_else(|| invalid(path, "chunk end overflows"))?;
         if chunk_size == 0 || end > size {
-            return Err(invalid(path, "chunk is empty or extends past the file size"));
+            return Err(invalid(
+                path,
+                "chunk is empty or extends past the file size",
+            ));
         }
         if offset == 0 || offset >= self.toc_offset {
-            return Err(invalid(path, "payload offset is missing or not before the TOC"));
+            return Err(invalid(
+                path,
+                "payload offset is missing or not before the TOC",
+            ));
         }
         let inner_end = inner_offset
             .checked_add(chunk_size)
             .ok_or_else(|| invalid(path, "innerOffset overflows"))?;
         if let Some((prev_off, prev_inner_end)) = *last {
-            let ordered = offset > prev_off || (offset == prev_off && inner_offset >= prev_inner_end);
+            let ordered =
+                offset > prev_off || (offset == prev_off && inner_offset >= prev_inner_end);
             if !ordered {
-                return Err(invalid(path, "payload overlaps or precedes the previous one"));
+                return Err(invalid(
+                    path,
+                    "payload overlaps or precedes the previous one",
+                ));
             }
         }
         *last = Some((offset, inner_end));
@@ -383,6 +406,7 @@ impl<'o> Builder<'o> {
             mtime: 0,
             xattrs: BTreeMap::new(),
             nlink: 2,
+            parent: Index::ROOT,
         });
         self.by_path.insert(String::new(), Index::ROOT);
         self.dir_children.insert(Index::ROOT, BTreeMap::new());
@@ -433,6 +457,7 @@ impl<'o> Builder<'o> {
             mtime: 0,
             xattrs: BTreeMap::new(),
             nlink: 1,
+            parent,
         });
         self.by_path.insert(path.to_string(), id);
         self.link(parent, base, id);
@@ -459,7 +484,9 @@ impl<'o> Builder<'o> {
                 self.chunks.extend_from_slice(&r.chunks);
                 let range = u32::try_from(start)
                     .and_then(|s| Ok(s..u32::try_from(self.chunks.len())?))
-                    .map_err(|_| Error::TooManyEntries { limit: u32::MAX.into() })?;
+                    .map_err(|_| Error::TooManyEntries {
+                        limit: u32::MAX.into(),
+                    })?;
                 Some(NodeKind::Reg {
                     size: e.size as u64,
                     digest,
@@ -467,8 +494,14 @@ impl<'o> Builder<'o> {
                 })
             }
             EntryType::Symlink => {
-                if e.link_name.is_empty() || e.link_name.contains('\0') {
-                    return Err(invalid(&r.path, "symlink target is empty or has a NUL"));
+                if e.link_name.is_empty()
+                    || e.link_name.contains('\0')
+                    || e.link_name.len() > MAX_NAME_LEN
+                {
+                    return Err(invalid(
+                        &r.path,
+                        "symlink target is empty, too long or has a NUL",
+                    ));
                 }
                 Some(NodeKind::Symlink {
                     target: e.link_name.as_str().into(),
@@ -489,7 +522,10 @@ impl<'o> Builder<'o> {
             None => self.dir(&r.path)?,
             Some(kind) => {
                 if self.by_path.contains_key(&r.path) {
-                    return Err(invalid(&r.path, "a directory and a non-directory share this name"));
+                    return Err(invalid(
+                        &r.path,
+                        "a directory and a non-directory share this name",
+                    ));
                 }
                 let (parent, base) = split(&r.path);
                 let parent = self.dir(parent)?;
@@ -501,6 +537,9 @@ impl<'o> Builder<'o> {
             s => rfc3339::parse_unix_seconds(s)
                 .ok_or_else(|| invalid(&r.path, "modtime is not RFC 3339"))?,
         };
+        if e.xattrs.keys().any(|k| k.is_empty() || k.contains('\0')) {
+            return Err(invalid(&r.path, "xattr name is empty or has a NUL"));
+        }
         let n = &mut self.nodes[id.0 as usize];
         n.mode = small(&r.path, e.mode)? & 0o7777;
         n.uid = small(&r.path, e.uid)?;
@@ -508,11 +547,20 @@ impl<'o> Builder<'o> {
         n.user_name = r.user_name.into();
         n.group_name = r.group_name.into();
         n.mtime = mtime;
-        n.xattrs = e.xattrs.iter().map(|(k, v)| (k.clone(), v.0.clone())).collect();
+        n.xattrs = e
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.0.clone()))
+            .collect();
         Ok(())
     }
 
-    fn add_hardlink(&mut self, r: &Record, records: &[Record], winner: &HashMap<&str, usize>) -> Result<()> {
+    fn add_hardlink(
+        &mut self,
+        r: &Record,
+        records: &[Record],
+        winner: &HashMap<&str, usize>,
+    ) -> Result<()> {
         let broken = |reason| Error::BrokenHardlink {
             name: r.path.clone(),
             target: r.e.link_name.clone(),
@@ -537,7 +585,10 @@ impl<'o> Builder<'o> {
             return Err(broken("target is a directory"));
         }
         if self.by_path.contains_key(&r.path) {
-            return Err(invalid(&r.path, "a directory and a hardlink share this name"));
+            return Err(invalid(
+                &r.path,
+                "a directory and a hardlink share this name",
+            ));
         }
         let (parent, base) = split(&r.path);
         let parent = self.dir(parent)?;
@@ -575,9 +626,14 @@ fn set_next_offsets(records: &mut [Record], toc_offset: u64) -> Result<()> {
         for c in r.chunks.iter_mut().rev() {
             c.next_offset = next;
             // Offsets increase strictly across members (checked earlier).
-            let max_inflated = next.saturating_sub(c.offset).saturating_mul(MAX_DEFLATE_RATIO);
+            let max_inflated = next
+                .saturating_sub(c.offset)
+                .saturating_mul(MAX_DEFLATE_RATIO);
             if c.inner_offset >= max_inflated {
-                return Err(invalid(&r.path, "innerOffset beyond what its member can hold"));
+                return Err(invalid(
+                    &r.path,
+                    "innerOffset beyond what its member can hold",
+                ));
             }
             if c.inner_offset == 0 {
                 next = c.offset;
@@ -691,7 +747,10 @@ mod tests {
         assert_eq!(normalize("./").unwrap(), "");
         assert_eq!(normalize(".").unwrap(), "");
         for bad in ["", "/a", "a/../b", "..", "a//b", "a\0b", "a/b//"] {
-            assert!(matches!(normalize(bad), Err(Error::InvalidName { .. })), "{bad:?}");
+            assert!(
+                matches!(normalize(bad), Err(Error::InvalidName { .. })),
+                "{bad:?}"
+            );
         }
     }
 }

@@ -39,7 +39,9 @@ pub fn locate_toc(tail: &[u8], blob_size: u64, opts: &ReaderOptions) -> Result<T
     let compressed = end - footer.toc_offset;
     // A gzip member can be a little larger than its payload (stored blocks),
     // so allow some slack over the uncompressed limit.
-    let limit = opts.max_toc_size.saturating_add(opts.max_toc_size / 8 + 4096);
+    let limit = opts
+        .max_toc_size
+        .saturating_add(opts.max_toc_size / 8 + 4096);
     if compressed > limit {
         return Err(Error::TocTooLarge {
             size: compressed,
@@ -85,7 +87,12 @@ mod tests {
         assert_eq!(loc.member, 40..100);
         assert_eq!(loc.member_in_tail(&blob).unwrap().len(), 60);
         let short = &blob[blob.len() - 80..];
-        assert!(locate_toc(short, size, &opts).unwrap().member_in_tail(short).is_none());
+        assert!(
+            locate_toc(short, size, &opts)
+                .unwrap()
+                .member_in_tail(short)
+                .is_none()
+        );
         let exact = &blob[40..];
         assert_eq!(loc.member_in_tail(exact).unwrap(), &blob[40..100]);
     }

@@ -56,8 +56,8 @@ pub fn parse_toc_member(
 
 /// Parses TOC JSON and checks its version.
 pub fn parse_json(json: &[u8]) -> Result<JsonToc> {
-    let toc: JsonToc = serde_json::from_slice(json)
-        .map_err(|e| Error::InvalidToc(format!("TOC JSON: {e}")))?;
+    let toc: JsonToc =
+        serde_json::from_slice(json).map_err(|e| Error::InvalidToc(format!("TOC JSON: {e}")))?;
     if toc.version != TOC_VERSION {
         return Err(Error::UnsupportedVersion(toc.version));
     }
@@ -94,7 +94,10 @@ fn read_tar<R: Read>(src: R, max_toc_size: u64) -> Result<Vec<u8>> {
     if &*path != TOC_TAR_NAME.as_bytes() {
         return Err(Error::InvalidToc(format!(
             "TOC tar entry is {:?}, expected {TOC_TAR_NAME}",
-            String::from_utf8_lossy(&path).chars().take(200).collect::<String>()
+            String::from_utf8_lossy(&path)
+                .chars()
+                .take(200)
+                .collect::<String>()
         )));
     }
     if !entry.header().entry_type().is_file() {
@@ -151,7 +154,9 @@ impl<R: Read> Read for Capped<R> {
                 }
             };
         }
-        let want = usize::try_from(self.left).unwrap_or(usize::MAX).min(buf.len());
+        let want = usize::try_from(self.left)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
         let n = self.inner.read(&mut buf[..want])?;
         self.left -= n as u64;
         Ok(n)
