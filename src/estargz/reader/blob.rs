@@ -7,8 +7,8 @@ use super::ReaderOptions;
 use super::chunk::{ChunkRef, decode_chunk_into};
 use super::index::{Index, NodeId, NodeKind};
 use super::locate::{TocLocation, locate_toc, tail_len};
+use super::open::{TailOutcome, index_from_member, index_from_tail};
 use super::read_at::{RangeReader, ReadAt};
-use super::toc_member::parse_toc_member;
 use crate::estargz::digest::{Digest, Hasher};
 use crate::estargz::error::{Error, Result};
 use crate::estargz::footer::FooterKind;
@@ -48,22 +48,22 @@ impl<R: ReadAt> BlobReader<R> {
         let n = tail_len(size, opts);
         let mut tail = vec![0u8; n as usize];
         src.read_exact_at(size - n, &mut tail)?;
-        let location = locate_toc(&tail, size, opts)?;
-        let raw = match location.member_in_tail(&tail) {
-            Some(member) => parse_toc_member(member, opts, expected_toc)?,
-            None => {
-                let mut member = vec![0u8; location.member_len() as usize];
-                src.read_exact_at(location.member.start, &mut member)?;
-                parse_toc_member(&member, opts, expected_toc)?
+        let index = match index_from_tail(&tail, size, opts, expected_toc)? {
+            TailOutcome::Ready(index) => index,
+            TailOutcome::NeedMember(loc) => {
+                // locate_toc bounded the member's length by the TOC limit.
+                let mut member = vec![0u8; loc.member_len() as usize];
+                src.read_exact_at(loc.member.start, &mut member)?;
+                index_from_member(&member, &loc, opts, expected_toc)?
             }
         };
-        let mut index = Index::build(&raw.toc, location.footer.toc_offset, opts)?;
-        index.toc_digest = Some(raw.digest);
+        let toc_digest = index.toc_digest.expect("set by index_from_member");
+        let location = locate_toc(&tail, size, opts)?;
         Ok(BlobReader {
             src,
             index,
             location,
-            toc_digest: raw.digest,
+            toc_digest,
         })
     }
 

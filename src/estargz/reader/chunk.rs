@@ -172,3 +172,70 @@ pub fn decode_chunk_into<R: Read, W: Write>(
     }
     Ok(actual)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flate2::Compression;
+    use flate2::write::GzEncoder;
+
+    fn gz(data: &[u8]) -> Vec<u8> {
+        let mut e = GzEncoder::new(Vec::new(), Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn chunk(inner: u64, size: u64, data: Option<&[u8]>) -> ChunkRef {
+        ChunkRef {
+            node: NodeId(1),
+            name: "f".into(),
+            compressed_offset: 0,
+            compressed_end: 1 << 20,
+            inner_offset: inner,
+            chunk_offset: 0,
+            chunk_size: size,
+            chunk_digest: data.map(Digest::of),
+        }
+    }
+
+    #[test]
+    fn inner_offset_and_member_boundaries() {
+        let mut member = gz(b"0123456789");
+        member.extend_from_slice(&gz(b"abcdef"));
+        assert_eq!(
+            decode_chunk(&member, &chunk(3, 4, Some(b"3456"))).unwrap(),
+            b"3456"
+        );
+        // Reading across a member boundary works (multi-member aware).
+        assert_eq!(
+            decode_chunk(&member, &chunk(8, 4, Some(b"89ab"))).unwrap(),
+            b"89ab"
+        );
+        assert_eq!(decode_chunk(&member, &chunk(0, 2, None)).unwrap(), b"01");
+    }
+
+    #[test]
+    fn short_corrupt_and_mismatched() {
+        let member = gz(b"0123456789");
+        assert!(matches!(
+            decode_chunk(&member, &chunk(8, 4, None)),
+            Err(Error::BadChunk { .. })
+        ));
+        assert!(matches!(
+            decode_chunk(&member, &chunk(11, 1, None)),
+            Err(Error::BadChunk { .. })
+        ));
+        assert!(matches!(
+            decode_chunk(&member, &chunk(0, 4, Some(b"0124"))),
+            Err(Error::ChunkDigestMismatch { .. })
+        ));
+        assert!(matches!(
+            decode_chunk(b"not gzip", &chunk(0, 4, None)),
+            Err(Error::BadChunk { .. })
+        ));
+        assert!(matches!(
+            decode_chunk(&[], &chunk(0, 1, None)),
+            Err(Error::BadChunk { .. })
+        ));
+    }
+}

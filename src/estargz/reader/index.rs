@@ -204,6 +204,34 @@ impl Index {
     }
 }
 
+/// The prefetch hint a blob carries in its landmark files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    /// No landmark: fall back to configured or labelled prefetch sizes.
+    Unspecified,
+    /// `.no.prefetch.landmark`: the writer knew of no files to prefetch.
+    Disabled,
+    /// `.prefetch.landmark`: the prioritized files lie in `[0, size)`.
+    UpTo(u64),
+}
+
+impl Index {
+    /// Reads the landmark files at the root (`.no.prefetch.landmark` wins).
+    pub fn prefetch(&self) -> Prefetch {
+        use crate::estargz::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
+        if self.child(Self::ROOT, NO_PREFETCH_LANDMARK).is_some() {
+            return Prefetch::Disabled;
+        }
+        let Some(id) = self.child(Self::ROOT, PREFETCH_LANDMARK) else {
+            return Prefetch::Unspecified;
+        };
+        match self.chunk_for(id, 0) {
+            Some(c) => Prefetch::UpTo(c.compressed_offset),
+            None => Prefetch::Unspecified,
+        }
+    }
+}
+
 /// One non-chunk entry after normalisation, with the chunk entries after it.
 struct Record<'a> {
     path: String,
@@ -739,6 +767,98 @@ pub fn normalize(name: &str) -> Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reg(name: &str, size: i64, offset: i64, inner: i64) -> JsonEntry {
+        let mut e = JsonEntry::new(name, EntryType::Reg);
+        e.size = size;
+        e.offset = offset;
+        e.inner_offset = inner;
+        e.chunk_digest = Digest::of(name.as_bytes()).to_string();
+        e
+    }
+
+    fn build(entries: Vec<JsonEntry>) -> Result<Index> {
+        let toc = JsonToc {
+            version: 1,
+            entries,
+        };
+        Index::build(&toc, 1000, &ReaderOptions::default())
+    }
+
+    #[test]
+    fn next_offsets_skip_shared_members() {
+        let mut chunk = JsonEntry::new("", EntryType::Chunk);
+        chunk.offset = 300;
+        chunk.chunk_offset = 10;
+        chunk.chunk_digest = Digest::of(b"c").to_string();
+        let mut a = reg("a", 20, 100, 0);
+        a.chunk_size = 10;
+        let ix = build(vec![
+            a,
+            chunk,
+            reg("b", 5, 300, 600),
+            reg("c", 5, 500, 0),
+            JsonEntry::new("d/", EntryType::Dir),
+        ])
+        .unwrap();
+        let ends = |p: &str| -> Vec<(u64, u64)> {
+            ix.chunks_of(ix.lookup(p).unwrap())
+                .map(|c| (c.compressed_offset, c.compressed_end))
+                .collect()
+        };
+        assert_eq!(ends("a"), [(100, 300), (300, 500)]);
+        assert_eq!(ends("b"), [(300, 500)]);
+        assert_eq!(ends("c"), [(500, 1000)]);
+        assert_eq!(ix.prefetch(), Prefetch::Unspecified);
+    }
+
+    #[test]
+    fn names_carried_per_id_and_dir_over_file_rejected() {
+        let mut a = JsonEntry::new("a", EntryType::Fifo);
+        a.uid = 7;
+        a.gid = 8;
+        a.user_name = "seven".into();
+        a.group_name = "eight".into();
+        let mut b = JsonEntry::new("b", EntryType::Fifo);
+        b.uid = 8;
+        b.gid = 7;
+        let mut c = JsonEntry::new("c", EntryType::Fifo);
+        c.uid = 7;
+        c.gid = 8;
+        let ix = build(vec![a, b, c]).unwrap();
+        let n = |p| ix.node(ix.lookup(p).unwrap()).unwrap();
+        assert_eq!((&*n("b").user_name, &*n("b").group_name), ("", ""));
+        assert_eq!(
+            (&*n("c").user_name, &*n("c").group_name),
+            ("seven", "eight")
+        );
+
+        let err = build(vec![
+            JsonEntry::new("x/y", EntryType::Fifo),
+            JsonEntry::new("x", EntryType::Fifo),
+        ]);
+        assert!(matches!(err, Err(Error::InvalidEntry { .. })));
+        // Last wins even when the kind changes.
+        let ix = build(vec![
+            JsonEntry::new("x", EntryType::Fifo),
+            JsonEntry::new("x/", EntryType::Dir),
+            JsonEntry::new("x/y", EntryType::Fifo),
+        ])
+        .unwrap();
+        assert_eq!(ix.node(ix.lookup("x").unwrap()).unwrap().nlink, 2);
+        assert_eq!(ix.node(Index::ROOT).unwrap().nlink, 3);
+    }
+
+    #[test]
+    fn landmarks() {
+        let mut lm = reg(crate::estargz::PREFETCH_LANDMARK, 1, 400, 0);
+        lm.chunk_digest = Digest::of(&[0x0f]).to_string();
+        let ix = build(vec![reg("a", 3, 100, 0), lm.clone()]).unwrap();
+        assert_eq!(ix.prefetch(), Prefetch::UpTo(400));
+        let no = reg(crate::estargz::NO_PREFETCH_LANDMARK, 1, 50, 0);
+        let ix = build(vec![no, reg("a", 3, 100, 0)]).unwrap();
+        assert_eq!(ix.prefetch(), Prefetch::Disabled);
+    }
 
     #[test]
     fn normalize_names() {

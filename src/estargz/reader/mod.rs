@@ -7,6 +7,7 @@
 //! - [`locate`]: footer → the compressed range of the TOC member, and
 //!   whether a tail read already holds it.
 //! - [`toc_member`]: gzip + tar + JSON of the TOC, bounded, with its digest.
+//! - [`open`]: tail → index in at most two reads, I/O left to the caller.
 //! - [`index`]: the checked, typed tree ([`Index`]) built from the JSON.
 //! - [`chunk`]: which compressed range holds a file offset ([`ChunkRef`]),
 //!   and bomb-safe decoding plus digest verification of one chunk.
@@ -17,13 +18,15 @@ pub mod blob;
 pub mod chunk;
 pub mod index;
 pub mod locate;
+pub mod open;
 pub mod read_at;
 pub mod toc_member;
 
 pub use blob::{BlobReader, VerifyReport};
 pub use chunk::{ChunkRef, decode_chunk, decode_chunk_into};
-pub use index::{Index, Node, NodeId, NodeKind};
-pub use locate::{TocLocation, locate_toc};
+pub use index::{Index, Node, NodeId, NodeKind, Prefetch};
+pub use locate::{TocLocation, locate_toc, tail_len};
+pub use open::{TailOutcome, index_from_member, index_from_tail};
 pub use read_at::ReadAt;
 pub use toc_member::{RawToc, parse_toc_member};
 
