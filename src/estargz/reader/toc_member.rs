@@ -5,15 +5,19 @@
 //! digest is taken over the JSON bytes exactly as stored (never
 //! re-serialized), which is what the `toc.digest` annotation covers.
 
+use std::borrow::Cow;
+use std::cell::Cell;
+use std::fmt;
 use std::io::{self, Read};
 
 use flate2::read::GzDecoder;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 
 use super::ReaderOptions;
 use crate::estargz::TOC_TAR_NAME;
 use crate::estargz::digest::Digest;
 use crate::estargz::error::{Error, Result};
-use crate::estargz::toc::{JsonToc, TOC_VERSION};
+use crate::estargz::toc::{JsonEntry, JsonToc, TOC_VERSION};
 
 /// Room for tar headers (and PAX records) around the JSON payload.
 const TAR_OVERHEAD: u64 = 64 << 10;
@@ -46,7 +50,7 @@ pub fn parse_toc_member(
             actual: digest.to_string(),
         });
     }
-    let toc = parse_json(&json)?;
+    let toc = parse_json_bounded(&json, opts.max_entries)?;
     Ok(RawToc {
         toc,
         digest,
@@ -56,12 +60,119 @@ pub fn parse_toc_member(
 
 /// Parses TOC JSON and checks its version.
 pub fn parse_json(json: &[u8]) -> Result<JsonToc> {
-    let toc: JsonToc =
-        serde_json::from_slice(json).map_err(|e| Error::InvalidToc(format!("TOC JSON: {e}")))?;
+    parse_json_bounded(json, u64::MAX)
+}
+
+/// Like [`parse_json`], but stops with `TooManyEntries` as soon as the
+/// entry count passes `max_entries`, before the rest is held in memory.
+pub fn parse_json_bounded(json: &[u8], max_entries: u64) -> Result<JsonToc> {
+    let over = Cell::new(false);
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let parsed = TocSeed {
+        max_entries,
+        over: &over,
+    }
+    .deserialize(&mut de)
+    .and_then(|toc| de.end().map(|()| toc));
+    let toc = match parsed {
+        Ok(toc) => toc,
+        Err(_) if over.get() => return Err(Error::TooManyEntries { limit: max_entries }),
+        Err(e) => return Err(Error::InvalidToc(format!("TOC JSON: {e}"))),
+    };
     if toc.version != TOC_VERSION {
         return Err(Error::UnsupportedVersion(toc.version));
     }
     Ok(toc)
+}
+
+/// Deserializes a [`JsonToc`] (same rules as its derive: `version`
+/// required, `entries` may be null or absent, unknown keys ignored) while
+/// counting entries.
+struct TocSeed<'a> {
+    max_entries: u64,
+    over: &'a Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for TocSeed<'_> {
+    type Value = JsonToc;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<JsonToc, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for TocSeed<'_> {
+    type Value = JsonToc;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a TOC object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<JsonToc, A::Error> {
+        let mut version = None;
+        let mut entries = None;
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match &*key {
+                "version" if version.is_some() => {
+                    return Err(de::Error::duplicate_field("version"));
+                }
+                "version" => version = Some(map.next_value::<i64>()?),
+                "entries" if entries.is_some() => {
+                    return Err(de::Error::duplicate_field("entries"));
+                }
+                "entries" => {
+                    let seed = EntriesSeed {
+                        max_entries: self.max_entries,
+                        over: self.over,
+                    };
+                    entries = Some(map.next_value_seed(seed)?);
+                }
+                _ => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(JsonToc {
+            version: version.ok_or_else(|| de::Error::missing_field("version"))?,
+            entries: entries.unwrap_or_default(),
+        })
+    }
+}
+
+struct EntriesSeed<'a> {
+    max_entries: u64,
+    over: &'a Cell<bool>,
+}
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Vec<JsonEntry>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Vec<JsonEntry>, D::Error> {
+        d.deserialize_option(self)
+    }
+}
+
+impl<'de> Visitor<'de> for EntriesSeed<'_> {
+    type Value = Vec<JsonEntry>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an array of TOC entries or null")
+    }
+    fn visit_none<E: de::Error>(self) -> Result<Vec<JsonEntry>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Vec<JsonEntry>, E> {
+        Ok(Vec::new())
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Vec<JsonEntry>, D::Error> {
+        d.deserialize_seq(self)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<JsonEntry>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(e) = seq.next_element::<JsonEntry>()? {
+            if out.len() as u64 >= self.max_entries {
+                self.over.set(true);
+                return Err(de::Error::custom("too many TOC entries"));
+            }
+            out.push(e);
+        }
+        Ok(out)
+    }
 }
 
 /// Returns the raw payload of `stargz.index.json` from the TOC member.
@@ -160,5 +271,33 @@ impl<R: Read> Read for Capped<R> {
         let n = self.inner.read(&mut buf[..want])?;
         self.left -= n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_json_matches_the_derive() {
+        let docs: [&[u8]; 6] = [
+            br#"{"version":1,"entries":[{"name":"a","type":"fifo"}],"extra":{"x":[1]}}"#,
+            br#"{"entries":null,"version":1}"#,
+            br#"{"version":1}"#,
+            br#"{"entries":[]}"#,
+            br#"{"version":1,"version":1}"#,
+            br#"{"version":1} trailing"#,
+        ];
+        for doc in docs {
+            let derived = serde_json::from_slice::<JsonToc>(doc).ok();
+            let ours = parse_json(doc).ok();
+            assert_eq!(derived, ours, "{}", String::from_utf8_lossy(doc));
+        }
+        let three = br#"{"version":1,"entries":[{"type":"fifo","name":"a"},{"type":"fifo","name":"b"},{"type":"fifo","name":"c"}]}"#;
+        assert_eq!(parse_json_bounded(three, 3).unwrap().entries.len(), 3);
+        assert!(matches!(
+            parse_json_bounded(three, 2),
+            Err(Error::TooManyEntries { limit: 2 })
+        ));
     }
 }
