@@ -61,6 +61,7 @@ fn reads_files_dirs_and_metadata() {
     assert_eq!(hosts.mtime, 1_566_297_043);
     assert_eq!(hosts.xattrs["user.k"], b"v\0bin");
     assert_eq!(hosts.mode, 0o644);
+    assert_eq!(hosts.st_mode(), 0o100_644);
     assert_eq!(hosts.parent, ix.lookup("etc").unwrap());
     assert_eq!(
         ix.node(ix.lookup("etc").unwrap()).unwrap().parent,

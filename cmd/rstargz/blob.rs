@@ -42,8 +42,9 @@ pub enum BlobCommand {
         #[command(flatten)]
         open: OpenArgs,
     },
-    // `Build` (converting a tar into an eStargz blob) goes here; it is
-    // implemented in `blob_build.rs`, by its own change.
+    // BUILD-HOOK: the `Build` variant (tar → eStargz) goes here, e.g.
+    // `Build(crate::blob_build::BuildArgs)`, implemented in `blob_build.rs`
+    // (add `mod blob_build;` in main.rs). See the matching arm in `run`.
 }
 
 /// Options shared by the commands that open a blob.
@@ -77,7 +78,7 @@ pub fn run(cmd: BlobCommand) -> Result<ExitCode> {
         } => verify(&blob, toc_digest.as_deref(), json, &open),
         BlobCommand::Ls { blob, json, open } => ls(&blob, json, &open),
         BlobCommand::Cat { blob, path, open } => cat(&blob, &path, &open),
-        // BlobCommand::Build(args) => blob_build::run(args),
+        // BUILD-HOOK: BlobCommand::Build(args) => crate::blob_build::run(args),
     }
 }
 

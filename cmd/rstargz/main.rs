@@ -1,6 +1,7 @@
 //! `rstargz`: the command-line tool.
 
 mod blob;
+// BUILD-HOOK: `mod blob_build;` (the `rstargz blob build` command).
 
 use std::process::ExitCode;
 

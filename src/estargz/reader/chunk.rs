@@ -39,12 +39,12 @@ pub struct ChunkRef {
 impl ChunkRef {
     /// Length of the compressed range `[compressed_offset, compressed_end)`.
     pub fn compressed_len(&self) -> u64 {
-        self.compressed_end - self.compressed_offset
+        self.compressed_end.saturating_sub(self.compressed_offset)
     }
 
     /// File offset just past this chunk.
     pub fn chunk_end(&self) -> u64 {
-        self.chunk_offset + self.chunk_size
+        self.chunk_offset.saturating_add(self.chunk_size)
     }
 }
 

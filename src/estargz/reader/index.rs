@@ -85,6 +85,19 @@ impl Node {
         }
     }
 
+    /// `st_mode`: the file type bits (`S_IF*`) plus [`Node::mode`].
+    pub fn st_mode(&self) -> u32 {
+        let kind = match self.kind {
+            NodeKind::Dir { .. } => 0o040_000,
+            NodeKind::Reg { .. } => 0o100_000,
+            NodeKind::Symlink { .. } => 0o120_000,
+            NodeKind::Char { .. } => 0o020_000,
+            NodeKind::Block { .. } => 0o060_000,
+            NodeKind::Fifo => 0o010_000,
+        };
+        kind | self.mode
+    }
+
     /// Logical size: file length, or symlink target length.
     pub fn size(&self) -> u64 {
         match &self.kind {
