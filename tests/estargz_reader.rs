@@ -809,3 +809,21 @@ fn write_fuzz_seeds() {
         drop(r);
     }
 }
+
+#[test]
+fn toc_member_crc_is_checked() {
+    let json = valid_json();
+    let mut member = toc_member(TOC_NAME, &json);
+    let n = member.len();
+    member[n - 8] ^= 1; // CRC32 in the gzip trailer
+    assert!(matches!(
+        open(&with_member(&member)),
+        Err(Error::InvalidToc(_))
+    ));
+    let mut member = toc_member(TOC_NAME, &json);
+    member[n - 1] ^= 1; // ISIZE
+    assert!(matches!(
+        open(&with_member(&member)),
+        Err(Error::InvalidToc(_))
+    ));
+}

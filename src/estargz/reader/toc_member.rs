@@ -183,7 +183,13 @@ pub fn extract_json(member: &[u8], max_toc_size: u64) -> Result<Vec<u8>> {
         left: limit,
         hit: false,
     };
-    let res = read_tar(&mut capped, max_toc_size);
+    let res = read_tar(&mut capped, max_toc_size).and_then(|json| {
+        // Read the rest of the member (tar padding, within the cap) so the
+        // gzip CRC and length trailer are checked too.
+        io::copy(&mut capped, &mut io::sink())
+            .map_err(|e| Error::InvalidToc(format!("TOC member: {e}")))?;
+        Ok(json)
+    });
     if capped.hit {
         return Err(Error::TocTooLarge {
             size: limit.saturating_add(1),
