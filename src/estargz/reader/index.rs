@@ -863,6 +863,13 @@ mod tests {
     }
 
     #[test]
+    fn index_is_shareable_across_threads() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<Index>();
+        assert_send_sync::<super::super::ChunkRef>();
+    }
+
+    #[test]
     fn landmarks() {
         let mut lm = reg(crate::estargz::PREFETCH_LANDMARK, 1, 400, 0);
         lm.chunk_digest = Digest::of(&[0x0f]).to_string();

@@ -13,6 +13,13 @@
 //!   and bomb-safe decoding plus digest verification of one chunk.
 //! - [`blob`]: [`BlobReader`], a sync convenience over a [`ReadAt`] source.
 //! - [`read_at`]: the [`ReadAt`] trait for files and byte slices.
+//!
+//! An asynchronous reader (FUSE) uses it as: fetch the last
+//! [`tail_len`] bytes → [`index_from_tail`] (maybe one more fetch of the TOC
+//! member → [`index_from_member`]); then per read, [`Index::chunk_for`] →
+//! fetch `[compressed_offset, compressed_end)` → [`decode_chunk`], which has
+//! verified the chunk digest before returning. [`Index`] is `Send + Sync`;
+//! node ids are dense from 0 (root), so `inode = id + 1` works.
 
 pub mod blob;
 pub mod chunk;
