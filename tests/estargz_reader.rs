@@ -235,6 +235,8 @@ fn toc_digest_is_over_raw_bytes_and_checked() {
     let want = Digest::of(&json);
     let r = BlobReader::open(&blob[..], &ReaderOptions::default(), Some(&want)).unwrap();
     assert_eq!(*r.toc_digest(), want);
+    assert!(r.index().toc_verified);
+    assert!(!open(&blob).unwrap().index().toc_verified);
     let other = Digest::of(b"other");
     assert!(matches!(
         BlobReader::open(&blob[..], &ReaderOptions::default(), Some(&other)),

@@ -129,6 +129,10 @@ pub struct Index {
     pub toc_entries: u64,
     /// Digest of the TOC JSON when the index was built from a blob.
     pub toc_digest: Option<Digest>,
+    /// Whether `toc_digest` was compared with an expected digest (the
+    /// layer's `toc.digest` annotation) and matched. An unverified index
+    /// must only be mounted by an explicit, logged policy decision.
+    pub toc_verified: bool,
 }
 
 impl Index {
@@ -311,6 +315,7 @@ impl<'o> Builder<'o> {
             toc_offset: self.toc_offset,
             toc_entries: count,
             toc_digest: None,
+            toc_verified: false,
         })
     }
 

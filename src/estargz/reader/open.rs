@@ -52,5 +52,7 @@ pub fn index_from_member(
     let raw = parse_toc_member(member, opts, expected_toc)?;
     let mut index = Index::build(&raw.toc, loc.footer.toc_offset, opts)?;
     index.toc_digest = Some(raw.digest);
+    // parse_toc_member failed on a mismatch, so a given digest matched.
+    index.toc_verified = expected_toc.is_some();
     Ok(index)
 }
