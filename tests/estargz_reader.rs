@@ -829,3 +829,29 @@ fn toc_member_crc_is_checked() {
         Err(Error::InvalidToc(_))
     ));
 }
+
+/// Scale check: a TOC with many entries builds in reasonable time.
+/// Run with `cargo test --release -- --ignored large_toc`.
+#[test]
+#[ignore]
+fn large_toc_builds() {
+    let mut entries = Vec::new();
+    for d in 0..1000 {
+        for f in 0..200 {
+            let mut e = JsonEntry::new(format!("dir{d}/sub/file{f}"), EntryType::Reg);
+            e.size = 1;
+            e.offset = 1 + (d * 200 + f) as i64;
+            e.chunk_digest = Digest::of(b"x").to_string();
+            entries.push(e);
+        }
+    }
+    let toc = JsonToc {
+        version: 1,
+        entries,
+    };
+    let start = std::time::Instant::now();
+    let ix = Index::build(&toc, 1 << 30, &ReaderOptions::default()).unwrap();
+    eprintln!("{} nodes in {:?}", ix.len(), start.elapsed());
+    assert_eq!(ix.len(), 1 + 2000 + 200_000);
+    assert_eq!(ix.all_chunks().count(), 200_000);
+}
