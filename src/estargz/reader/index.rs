@@ -327,6 +327,14 @@ impl<'o> Builder<'o> {
         // (offset, inner end) of the last payload, to keep payloads ordered.
         let mut last_payload: Option<(u64, u64)> = None;
         for e in &toc.entries {
+            if let Some(what) = negative_field(e) {
+                let name = if e.name.is_empty() {
+                    "<chunk>"
+                } else {
+                    &e.name
+                };
+                return Err(invalid(name, &format!("negative {what}")));
+            }
             if e.kind == EntryType::Chunk {
                 let Some(rec) = out.last_mut() else {
                     return Err(invalid("", "chunk entry before any file"));
@@ -339,18 +347,6 @@ impl<'o> Builder<'o> {
                 continue;
             }
             let path = normalize(&e.name)?;
-            for (what, v) in [
-                ("size", e.size),
-                ("mode", e.mode),
-                ("uid", e.uid),
-                ("gid", e.gid),
-                ("devMajor", e.dev_major),
-                ("devMinor", e.dev_minor),
-            ] {
-                if v < 0 {
-                    return Err(invalid(&path, &format!("negative {what}")));
-                }
-            }
             let user_name = carry(&mut unames, e.uid, &e.user_name);
             let group_name = carry(&mut gnames, e.gid, &e.group_name);
             let mut chunks = Vec::new();
@@ -705,6 +701,25 @@ fn check_tiling(r: &Record) -> Result<()> {
         return Err(invalid(&r.path, "chunks do not cover the file size"));
     }
     Ok(())
+}
+
+/// The first integer field of `e` that is negative, if any.
+fn negative_field(e: &JsonEntry) -> Option<&'static str> {
+    [
+        ("size", e.size),
+        ("mode", e.mode),
+        ("uid", e.uid),
+        ("gid", e.gid),
+        ("offset", e.offset),
+        ("innerOffset", e.inner_offset),
+        ("devMajor", e.dev_major),
+        ("devMinor", e.dev_minor),
+        ("chunkOffset", e.chunk_offset),
+        ("chunkSize", e.chunk_size),
+    ]
+    .into_iter()
+    .find(|&(_, v)| v < 0)
+    .map(|(what, _)| what)
 }
 
 /// Carries a user/group name forward per id (the writer names each id once).
