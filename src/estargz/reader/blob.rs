@@ -57,7 +57,10 @@ impl<R: ReadAt> BlobReader<R> {
                 index_from_member(&member, &loc, opts, expected_toc)?
             }
         };
-        let toc_digest = index.toc_digest.expect("set by index_from_member");
+        // Always set by index_from_member; no panic path even so.
+        let toc_digest = index
+            .toc_digest
+            .ok_or_else(|| Error::InvalidToc("TOC digest missing".into()))?;
         let location = locate_toc(&tail, size, opts)?;
         Ok(BlobReader {
             src,
