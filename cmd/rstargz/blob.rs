@@ -16,6 +16,7 @@ use serde_json::json;
 pub enum BlobCommand {
     /// Check the TOC and every chunk and file digest of a blob.
     Verify {
+        /// Path of the blob file.
         blob: PathBuf,
         /// Expected TOC digest (`sha256:<hex>`), as in the layer annotation.
         #[arg(long)]
@@ -28,6 +29,7 @@ pub enum BlobCommand {
     },
     /// List every entry: type, mode, uid:gid, size, name [-> link].
     Ls {
+        /// Path of the blob file.
         blob: PathBuf,
         /// Print a JSON array instead of text.
         #[arg(long)]
@@ -37,7 +39,9 @@ pub enum BlobCommand {
     },
     /// Write a regular file's verified content to stdout.
     Cat {
+        /// Path of the blob file.
         blob: PathBuf,
+        /// Path of the file inside the blob (`a/b`, `/a/b` or `./a/b`).
         path: String,
         #[command(flatten)]
         open: OpenArgs,
