@@ -46,13 +46,13 @@ impl<R: ReadAt> BlobReader<R> {
     pub fn open(src: R, opts: &ReaderOptions, expected_toc: Option<&Digest>) -> Result<Self> {
         let size = src.size()?;
         let n = tail_len(size, opts);
-        let mut tail = vec![0u8; n as usize];
+        let mut tail = vec![0u8; to_usize(n)?];
         src.read_exact_at(size - n, &mut tail)?;
         let index = match index_from_tail(&tail, size, opts, expected_toc)? {
             TailOutcome::Ready(index) => index,
             TailOutcome::NeedMember(loc) => {
                 // locate_toc bounded the member's length by the TOC limit.
-                let mut member = vec![0u8; loc.member_len() as usize];
+                let mut member = vec![0u8; to_usize(loc.member_len())?];
                 src.read_exact_at(loc.member.start, &mut member)?;
                 index_from_member(&member, &loc, opts, expected_toc)?
             }
@@ -183,6 +183,10 @@ impl<R: ReadAt> BlobReader<R> {
         }
         Ok(r)
     }
+}
+
+fn to_usize(n: u64) -> Result<usize> {
+    usize::try_from(n).map_err(|_| Error::InvalidOption(format!("{n} bytes do not fit in memory")))
 }
 
 /// Writes to `out` and hashes what it writes.

@@ -172,7 +172,8 @@ impl Index {
         self.nodes
             .iter()
             .enumerate()
-            .map(|(i, n)| (NodeId(i as u32), n))
+            // Builder::push keeps the node count within u32.
+            .map(|(i, n)| (NodeId(u32::try_from(i).unwrap_or(u32::MAX)), n))
     }
 
     /// Sorted children of a directory; empty for anything else.
@@ -484,10 +485,10 @@ impl<'o> Builder<'o> {
     fn push(&mut self, parent: NodeId, base: &str, path: &str, kind: NodeKind) -> Result<NodeId> {
         // Implicit directories add nodes beyond the entry count; bound them.
         let limit = self.opts.max_entries.saturating_mul(2).min(u32::MAX.into());
-        if self.nodes.len() as u64 >= limit {
-            return Err(Error::TooManyEntries { limit });
-        }
-        let id = NodeId(self.nodes.len() as u32);
+        let id = match u32::try_from(self.nodes.len()) {
+            Ok(n) if u64::from(n) < limit => NodeId(n),
+            _ => return Err(Error::TooManyEntries { limit }),
+        };
         self.nodes.push(Node {
             path: Arc::from(path),
             kind,
@@ -530,7 +531,7 @@ impl<'o> Builder<'o> {
                         limit: u32::MAX.into(),
                     })?;
                 Some(NodeKind::Reg {
-                    size: e.size as u64,
+                    size: u64::try_from(e.size).map_err(|_| invalid(&r.path, "negative size"))?,
                     digest,
                     chunks: range,
                 })
@@ -697,7 +698,7 @@ fn check_tiling(r: &Record) -> Result<()> {
         }
         pos = c.chunk_offset + c.chunk_size; // checked when the chunk was read
     }
-    if r.e.kind == EntryType::Reg && pos != r.e.size as u64 {
+    if r.e.kind == EntryType::Reg && u64::try_from(r.e.size) != Ok(pos) {
         return Err(invalid(&r.path, "chunks do not cover the file size"));
     }
     Ok(())

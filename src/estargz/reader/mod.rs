@@ -21,6 +21,13 @@
 //! verified the chunk digest before returning. [`Index`] is `Send + Sync`;
 //! node ids are dense from 0 (root), so `inode = id + 1` works.
 
+// Offsets and sizes come from untrusted blobs: no silent truncating casts.
+#![deny(
+    clippy::cast_possible_truncation,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap
+)]
+
 pub mod blob;
 pub mod chunk;
 pub mod index;
