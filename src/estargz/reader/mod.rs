@@ -8,7 +8,8 @@
 //!   whether a tail read already holds it.
 //! - [`toc_member`]: gzip + tar + JSON of the TOC, bounded, with its digest.
 //! - [`open`]: tail → index in at most two reads, I/O left to the caller.
-//! - [`index`]: the checked, typed tree ([`Index`]) built from the JSON.
+//! - [`index`]: the checked, typed tree ([`Index`]) built from the JSON
+//!   (by `build`), with names checked by [`name`].
 //! - [`chunk`]: which compressed range holds a file offset ([`ChunkRef`]),
 //!   and bomb-safe decoding plus digest verification of one chunk.
 //! - [`blob`]: [`BlobReader`], a sync convenience over a [`ReadAt`] source.
@@ -29,9 +30,11 @@
 )]
 
 pub mod blob;
+mod build;
 pub mod chunk;
 pub mod index;
 pub mod locate;
+pub mod name;
 pub mod open;
 pub mod read_at;
 pub mod toc_member;
