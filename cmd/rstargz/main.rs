@@ -1,14 +1,18 @@
 //! `rstargz`: the command-line tool.
-//!
-//! Minimal dispatcher for `rstargz blob build`; the full CLI (verify, ls,
-//! cat) lives on another branch and absorbs this module when merged.
 
+mod blob;
 mod blob_build;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "rstargz", about = "eStargz tools")]
+#[command(
+    name = "rstargz",
+    version,
+    about = "eStargz tools for the rstargz snapshotter"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -16,19 +20,23 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Work with eStargz blobs.
-    #[command(subcommand)]
-    Blob(BlobCommand),
+    /// Inspect and verify eStargz blobs.
+    Blob {
+        #[command(subcommand)]
+        command: blob::BlobCommand,
+    },
 }
 
-#[derive(Subcommand)]
-enum BlobCommand {
-    /// Convert a tar (plain or gzip) into an eStargz blob.
-    Build(blob_build::BuildArgs),
-}
-
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::Blob(BlobCommand::Build(args)) => blob_build::run(args),
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Blob { command } => blob::run(command),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rstargz: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
