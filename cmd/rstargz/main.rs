@@ -1,5 +1,42 @@
 //! `rstargz`: the command-line tool.
-fn main() {
-    eprintln!("rstargz: no commands yet");
-    std::process::exit(2);
+
+mod blob;
+// BUILD-HOOK: `mod blob_build;` (the `rstargz blob build` command).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "rstargz",
+    version,
+    about = "eStargz tools for the rstargz snapshotter"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect and verify eStargz blobs.
+    Blob {
+        #[command(subcommand)]
+        command: blob::BlobCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.command {
+        Command::Blob { command } => blob::run(command),
+    };
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("rstargz: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -53,6 +53,22 @@ pub enum Error {
     PrioritizedNotFound(String),
     #[error("invalid option: {0}")]
     InvalidOption(String),
+    #[error("unsupported TOC version {0} (only 1 exists)")]
+    UnsupportedVersion(i64),
+    #[error("TOC has more than {limit} entries")]
+    TooManyEntries { limit: u64 },
+    #[error("invalid entry name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("hardlink {name:?} -> {target:?}: {reason}")]
+    BrokenHardlink {
+        name: String,
+        target: String,
+        reason: &'static str,
+    },
+    #[error("{name:?} has no chunk digest, and unverified (legacy) content is not allowed")]
+    Unverifiable { name: String },
+    #[error("{path:?} is not a regular file")]
+    NotAFile { path: String },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -2,14 +2,21 @@
 //!
 //! - [`footer`]: the 51-byte eStargz and 47-byte legacy stargz footers.
 //! - [`toc`]: the `stargz.index.json` JSON model exactly as serialized.
+//! - [`reader`]: locating, parsing and checking the TOC, chunk lookup and
+//!   verified chunk decoding.
+//! - [`digest`]: `sha256:<hex>` digests.
 //!
 //! Everything here treats a blob as untrusted input: offsets and sizes are
 //! checked, allocations are bounded, and failures are [`Error`] values.
 
+pub mod digest;
 pub mod error;
 pub mod footer;
+pub mod reader;
+mod rfc3339;
 pub mod toc;
 
+pub use digest::Digest;
 pub use error::Error;
 
 /// Name of the TOC entry inside the TOC's tar stream.
