@@ -1,12 +1,12 @@
 //! End-to-end tests of `rstargz blob verify|ls|cat` on blobs from the test
 //! writer.
 
-mod common;
+mod fixture;
 
 use std::path::Path;
 use std::process::{Command, Output};
 
-use common::*;
+use fixture::*;
 use rstargz::estargz::digest::Digest;
 
 fn rstargz(args: &[&str]) -> Output {

@@ -5,9 +5,9 @@
 //! Blobs are built by a small test-only writer below (the real writer lives
 //! elsewhere) so these tests do not depend on it.
 
-mod common;
+mod fixture;
 
-use common::*;
+use fixture::*;
 use rstargz::estargz::digest::Digest;
 use rstargz::estargz::error::Error;
 use rstargz::estargz::footer;

@@ -1,220 +1,114 @@
-//! A minimal eStargz writer for tests, independent of the real writer:
-//! tar headers go into the open gzip member, each payload piece starts a new
-//! member (unless asked to share), then the TOC member and the footer.
+//! Starts the real `rstargz-grpc` binary on a temporary socket and root.
 #![allow(dead_code)]
 
-use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
-use flate2::Compression;
-use flate2::write::GzEncoder;
-use rstargz::estargz::digest::Digest;
-use rstargz::estargz::footer;
-use rstargz::estargz::toc::{EntryType, JsonEntry, JsonToc};
+use rstargz::proto::snapshots::snapshots_client::SnapshotsClient;
+use tonic::transport::Channel;
 
-/// One input entry for the test writer.
-pub enum Spec<'a> {
-    Dir(&'a str),
-    /// name, content, chunk size (0 = one chunk), share the open member.
-    File(&'a str, &'a [u8], usize, bool),
-    Symlink(&'a str, &'a str),
-    Hardlink(&'a str, &'a str),
-    Fifo(&'a str),
-    Char(&'a str, i64, i64),
+pub struct Daemon {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub root: PathBuf,
+    pub log: PathBuf,
 }
 
-/// A minimal eStargz writer: tar headers in the open member, each payload
-/// piece in a new member (unless shared), TOC member, footer.
-pub struct TestWriter {
-    pub out: Vec<u8>,
-    gz: GzEncoder<Vec<u8>>,
-    pub member_start: u64,
-    /// Uncompressed bytes written to the open member.
-    pub member_len: u64,
-    pub entries: Vec<JsonEntry>,
+impl Daemon {
+    /// Starts the daemon with `dir/root` and `dir/run/s.sock`, and waits
+    /// until it accepts connections.
+    pub fn start(dir: &Path) -> Daemon {
+        let root = dir.join("root");
+        let socket = dir.join("run/s.sock");
+        let log = dir.join("daemon.log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_rstargz-grpc"))
+            .arg("--address")
+            .arg(&socket)
+            .arg("--root")
+            .arg(&root)
+            .arg("--config")
+            .arg(dir.join("config.toml"))
+            .arg("--log-level")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(logf)
+            .spawn()
+            .unwrap();
+        if !dir.join("config.toml").exists() {
+            panic!("write {}/config.toml before starting", dir.display());
+        }
+        let mut d = Daemon {
+            child,
+            socket,
+            root,
+            log,
+        };
+        d.wait_ready();
+        d
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            if let Some(st) = self.child.try_wait().unwrap() {
+                panic!("daemon exited with {st}: {}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("daemon did not listen: {}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn client(&self) -> SnapshotsClient<Channel> {
+        rstargz::snapshotter::client::connect(&self.socket)
+            .await
+            .unwrap()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits; returns whether it exited cleanly.
+    pub fn terminate(&mut self) -> bool {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap().success()
+    }
 }
 
-impl TestWriter {
-    pub fn new() -> Self {
-        TestWriter {
-            out: Vec::new(),
-            gz: GzEncoder::new(Vec::new(), Compression::default()),
-            member_start: 0,
-            member_len: 0,
-            entries: Vec::new(),
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill9();
         }
     }
-
-    pub fn write(&mut self, b: &[u8]) {
-        self.gz.write_all(b).unwrap();
-        self.member_len += b.len() as u64;
-    }
-
-    pub fn new_member(&mut self) {
-        let gz = std::mem::replace(
-            &mut self.gz,
-            GzEncoder::new(Vec::new(), Compression::default()),
-        );
-        let bytes = gz.finish().unwrap();
-        self.out.extend_from_slice(&bytes);
-        self.member_start = self.out.len() as u64;
-        self.member_len = 0;
-    }
-
-    pub fn header(&mut self, name: &str, kind: tar::EntryType, size: u64, link: &str) {
-        let mut h = tar::Header::new_ustar();
-        // Names too long for ustar only matter to the TOC in these tests.
-        if h.set_path(name).is_err() {
-            h.set_path("long-name").unwrap();
-        }
-        h.set_size(size);
-        h.set_mode(0o644);
-        h.set_entry_type(kind);
-        if !link.is_empty() {
-            h.set_link_name(link).unwrap();
-        }
-        h.set_cksum();
-        self.write(h.as_bytes());
-    }
-
-    pub fn add(&mut self, spec: &Spec) {
-        match *spec {
-            Spec::Dir(name) => {
-                self.header(name, tar::EntryType::Directory, 0, "");
-                let mut e = JsonEntry::new(name, EntryType::Dir);
-                e.mode = 0o755;
-                self.entries.push(e);
-            }
-            Spec::File(name, data, chunk, share) => {
-                self.header(name, tar::EntryType::Regular, data.len() as u64, "");
-                let mut e = JsonEntry::new(name, EntryType::Reg);
-                e.size = data.len() as i64;
-                e.mode = 0o644;
-                e.digest = Digest::of(data).to_string();
-                if data.is_empty() {
-                    self.entries.push(e);
-                    return;
-                }
-                let chunk = if chunk == 0 { data.len() } else { chunk };
-                for (i, piece) in data.chunks(chunk).enumerate() {
-                    let mut c = if i == 0 {
-                        std::mem::replace(&mut e, JsonEntry::new("", EntryType::Chunk))
-                    } else {
-                        JsonEntry::new("", EntryType::Chunk)
-                    };
-                    if !(share && self.member_len > 0) {
-                        self.new_member();
-                    }
-                    c.offset = self.member_start as i64;
-                    c.inner_offset = self.member_len as i64;
-                    c.chunk_offset = (i * chunk) as i64;
-                    if piece.len() == chunk && data.len() > chunk {
-                        c.chunk_size = chunk as i64;
-                    }
-                    // Last chunk: chunkSize left 0, as the format writes it.
-                    if (i + 1) * chunk >= data.len() {
-                        c.chunk_size = 0;
-                    }
-                    c.chunk_digest = Digest::of(piece).to_string();
-                    self.write(piece);
-                    self.entries.push(c);
-                }
-                let pad = (512 - data.len() % 512) % 512;
-                self.write(&vec![0; pad]);
-            }
-            Spec::Symlink(name, target) => {
-                self.header(name, tar::EntryType::Symlink, 0, target);
-                let mut e = JsonEntry::new(name, EntryType::Symlink);
-                e.link_name = target.into();
-                e.mode = 0o777;
-                self.entries.push(e);
-            }
-            Spec::Hardlink(name, target) => {
-                self.header(name, tar::EntryType::Link, 0, target);
-                let mut e = JsonEntry::new(name, EntryType::Hardlink);
-                e.link_name = target.into();
-                self.entries.push(e);
-            }
-            Spec::Fifo(name) => {
-                self.header(name, tar::EntryType::Fifo, 0, "");
-                self.entries.push(JsonEntry::new(name, EntryType::Fifo));
-            }
-            Spec::Char(name, major, minor) => {
-                self.header(name, tar::EntryType::Char, 0, "");
-                let mut e = JsonEntry::new(name, EntryType::Char);
-                e.dev_major = major;
-                e.dev_minor = minor;
-                self.entries.push(e);
-            }
-        }
-    }
-
-    /// Closes the data, appends the TOC member (from `json`) and a footer.
-    pub fn finish_with_json(mut self, json: &[u8], legacy: bool) -> Vec<u8> {
-        self.new_member();
-        let toc_offset = self.out.len() as u64;
-        self.out.extend_from_slice(&toc_member(TOC_NAME, json));
-        if legacy {
-            self.out.extend_from_slice(&legacy_footer(toc_offset));
-        } else {
-            self.out.extend_from_slice(&footer::build(toc_offset));
-        }
-        self.out
-    }
 }
 
-pub const TOC_NAME: &str = "stargz.index.json";
-
-pub fn toc_tar(name: &str, json: &[u8]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    h.set_path(name).unwrap();
-    h.set_size(json.len() as u64);
-    h.set_mode(0o644);
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_cksum();
-    b.append(&h, json).unwrap();
-    b.into_inner().unwrap()
-}
-
-pub fn gzip(data: &[u8]) -> Vec<u8> {
-    let mut gz = GzEncoder::new(Vec::new(), Compression::default());
-    gz.write_all(data).unwrap();
-    gz.finish().unwrap()
-}
-
-pub fn toc_member(name: &str, json: &[u8]) -> Vec<u8> {
-    gzip(&toc_tar(name, json))
-}
-
-pub fn legacy_footer(toc_offset: u64) -> Vec<u8> {
-    let mut f = vec![0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff, 22, 0];
-    f.extend_from_slice(format!("{toc_offset:016x}STARGZ").as_bytes());
-    f.extend_from_slice(&[0x01, 0x00, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0]);
-    assert_eq!(f.len(), footer::LEGACY_FOOTER_SIZE);
-    f
-}
-
-/// Builds a blob from specs, letting `edit` change the TOC first.
-pub fn build_with(specs: &[Spec], edit: impl FnOnce(&mut JsonToc)) -> Vec<u8> {
-    let mut w = TestWriter::new();
-    for s in specs {
-        w.add(s);
-    }
-    let mut toc = JsonToc {
-        version: 1,
-        entries: std::mem::take(&mut w.entries),
-    };
-    edit(&mut toc);
-    let json = serde_json::to_vec_pretty(&toc).unwrap();
-    w.finish_with_json(&json, false)
-}
-
-pub fn build(specs: &[Spec]) -> Vec<u8> {
-    build_with(specs, |_| {})
-}
-
-pub fn pattern(n: usize, seed: u8) -> Vec<u8> {
-    (0..n)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect()
+/// A temporary directory with an empty config file.
+pub fn workdir() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("config.toml"), "").unwrap();
+    d
 }
