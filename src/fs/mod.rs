@@ -1,2 +1,6 @@
 //! The remote filesystem: FUSE mounts of eStargz layers, registry range
-//! reads, and the chunk caches. (Lazy pulling lands here; see ARCHITECTURE.md.)
+//! reads, and the chunk caches. See ARCHITECTURE.md for the thread model.
+
+pub mod content;
+
+pub use content::{ContentSource, ReadError, ReadFuture};
