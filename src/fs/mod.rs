@@ -1,7 +1,9 @@
 //! The remote filesystem: FUSE mounts of eStargz layers, registry range
 //! reads, and the chunk caches. See ARCHITECTURE.md for the thread model.
 
+pub mod cache;
 pub mod content;
+pub mod layer;
 pub mod registry;
 
 pub use content::{ContentSource, ReadError, ReadFuture};
