@@ -4,7 +4,7 @@
 //! and images.
 
 use bytes::Bytes;
-use quick_cache::Weighter;
+use quick_cache::{OptionsBuilder, Weighter};
 use quick_cache::sync::Cache;
 
 use crate::estargz::digest::Digest;
@@ -33,10 +33,20 @@ impl MemoryCache {
     /// A cache holding at most `capacity` bytes (content plus a small
     /// per-entry overhead). Zero disables it.
     pub fn new(capacity: u64) -> Self {
-        // An estimate only; quick_cache grows as needed.
-        let items = usize::try_from((capacity / (64 << 10)).clamp(16, 1 << 20)).unwrap_or(16);
+        // quick_cache splits the capacity evenly between shards; keep each
+        // shard at 64 MiB or more so that big chunks still fit in one.
+        let shards = usize::try_from((capacity / (64 << 20)).clamp(1, 16)).unwrap_or(1);
+        // An estimate only (of 64 KiB entries); it sizes tables up front.
+        let items = usize::try_from((capacity / (64 << 10)).clamp(32, 1 << 16)).unwrap_or(32);
+        let cache = OptionsBuilder::new()
+            .shards(shards)
+            .estimated_items_capacity(items)
+            .weight_capacity(capacity.max(1))
+            .build()
+            .map(|o| Cache::with_options(o, ByteWeighter, Default::default(), Default::default()))
+            .unwrap_or_else(|_| Cache::with_weighter(items, capacity.max(1), ByteWeighter));
         MemoryCache {
-            cache: Cache::with_weighter(items, capacity.max(1), ByteWeighter),
+            cache,
             capacity,
         }
     }

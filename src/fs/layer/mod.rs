@@ -320,6 +320,11 @@ impl<F: RangeFetcher + 'static> Layer<F> {
             .snapshot(self.inner.prefetch.borrow().clone())
     }
 
+    /// Chunks being fetched right now (flights).
+    pub fn in_flight(&self) -> usize {
+        self.inner.flights.len()
+    }
+
     /// Stops prefetch and background fetch now (dropping does the same).
     pub fn close(&self) {
         self.inner.cancel.cancel();
@@ -333,8 +338,8 @@ impl<F: RangeFetcher + 'static> Layer<F> {
 
 impl<F: RangeFetcher + 'static> ContentSource for Layer<F> {
     fn read(self: Arc<Self>, node: NodeId, offset: u64, size: u32) -> ReadFuture {
-        let inner = self.inner.clone();
-        Box::pin(async move { read(&inner, node, offset, size).await })
+        // The future keeps the layer open until the read ends.
+        Box::pin(async move { read(&self.inner, node, offset, size).await })
     }
 }
 
