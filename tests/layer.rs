@@ -155,7 +155,14 @@ async fn content_across_chunk_boundaries() {
     assert!(layer.is_verified());
     let ia = layer.index().lookup("d/a").unwrap();
     let ib = layer.index().lookup("d/b").unwrap();
-    for (off, len) in [(0u64, 10u32), (16_380, 10), (16_384, 1), (0, 100_000), (99_990, 100), (30_000, 40_000)] {
+    for (off, len) in [
+        (0u64, 10u32),
+        (16_380, 10),
+        (16_384, 1),
+        (0, 100_000),
+        (99_990, 100),
+        (30_000, 40_000),
+    ] {
         let got = layer.clone().read(ia, off, len).await.unwrap();
         let end = (off + u64::from(len)).min(a.len() as u64);
         assert_eq!(&got[..], &a[off as usize..end as usize], "a at {off}+{len}");
@@ -219,7 +226,9 @@ async fn open_reads_tail_once_or_twice() {
     fake.reset();
     let mut c = ctx(cfg(), Caches::memory_only(1 << 20));
     c.reader.tail_size = 64;
-    let _l = open_layer(fake.clone(), TocCheck::Digest(d), c).await.unwrap();
+    let _l = open_layer(fake.clone(), TocCheck::Digest(d), c)
+        .await
+        .unwrap();
     assert_eq!(fake.count(), 2, "short tail: one more read for the TOC");
 }
 
@@ -438,7 +447,10 @@ async fn disk_write_failure_still_serves_reads() {
     assert_eq!(s.verification_failures, 0);
     // No partial entries are visible.
     let disk = caches.disk.as_ref().unwrap();
-    assert_eq!(disk.stats.write_errors.load(Ordering::Relaxed), s.disk_write_errors);
+    assert_eq!(
+        disk.stats.write_errors.load(Ordering::Relaxed),
+        s.disk_write_errors
+    );
     drop(layer);
     let reopened = DiskCache::open(&mnt, 64 << 20).unwrap();
     assert!(reopened.len() <= 1);
@@ -515,9 +527,13 @@ async fn prefetch_wait_times_out_and_readers_join_it() {
         ..cfg()
     };
     let layer = Arc::new(
-        open_layer(fake.clone(), TocCheck::Digest(d), ctx(c, Caches::memory_only(64 << 20)))
-            .await
-            .unwrap(),
+        open_layer(
+            fake.clone(),
+            TocCheck::Digest(d),
+            ctx(c, Caches::memory_only(64 << 20)),
+        )
+        .await
+        .unwrap(),
     );
     fake.0.delay_ms.store(300, Ordering::SeqCst);
     // The prefetch request is already in flight (sent before the delay was
@@ -540,9 +556,13 @@ async fn prefetch_timeout_reports_running() {
         prefetch: true,
         ..cfg()
     };
-    let layer = open_layer(fake.clone(), TocCheck::Digest(d), ctx(c, Caches::memory_only(64 << 20)))
-        .await
-        .unwrap();
+    let layer = open_layer(
+        fake.clone(),
+        TocCheck::Digest(d),
+        ctx(c, Caches::memory_only(64 << 20)),
+    )
+    .await
+    .unwrap();
     assert_eq!(
         layer.wait_prefetch(Duration::from_millis(100)).await,
         PrefetchState::Running
@@ -595,7 +615,11 @@ async fn background_fetch_caches_everything() {
     }
     assert!(layer.background_done());
     assert_eq!(caches.disk.as_ref().unwrap().len(), files.len());
-    assert!(fake.count() < files.len() / 2, "merged ranges: {}", fake.count());
+    assert!(
+        fake.count() < files.len() / 2,
+        "merged ranges: {}",
+        fake.count()
+    );
     fake.reset();
     for (name, data) in &files {
         let id = layer.index().lookup(name).unwrap();
@@ -651,7 +675,11 @@ async fn background_yields_to_on_demand_reads() {
     let after_read = fake.count();
     tokio::time::sleep(Duration::from_millis(300)).await;
     // At most the batches already started before the read.
-    assert!(fake.count() <= after_read + 2, "{} vs {after_read}", fake.count());
+    assert!(
+        fake.count() <= after_read + 2,
+        "{} vs {after_read}",
+        fake.count()
+    );
 }
 
 /// Reads every file in TOC order, one small read each (like `tar c` or a

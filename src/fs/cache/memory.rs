@@ -4,8 +4,8 @@
 //! and images.
 
 use bytes::Bytes;
-use quick_cache::{OptionsBuilder, Weighter};
 use quick_cache::sync::Cache;
+use quick_cache::{OptionsBuilder, Weighter};
 
 use crate::estargz::digest::Digest;
 
@@ -45,10 +45,7 @@ impl MemoryCache {
             .build()
             .map(|o| Cache::with_options(o, ByteWeighter, Default::default(), Default::default()))
             .unwrap_or_else(|_| Cache::with_weighter(items, capacity.max(1), ByteWeighter));
-        MemoryCache {
-            cache,
-            capacity,
-        }
+        MemoryCache { cache, capacity }
     }
 
     pub fn get(&self, digest: &Digest) -> Option<Bytes> {

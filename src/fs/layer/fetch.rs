@@ -74,7 +74,12 @@ impl Flights {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn new_lead(self: &Arc<Self>, c: &ChunkRef, kind: Kind, map: &mut HashMap<ChunkKey, Flight>) -> (Lead, watch::Receiver<Slot>) {
+    fn new_lead(
+        self: &Arc<Self>,
+        c: &ChunkRef,
+        kind: Kind,
+        map: &mut HashMap<ChunkKey, Flight>,
+    ) -> (Lead, watch::Receiver<Slot>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
         map.insert(key_of(c), Flight { id, rx: rx.clone() });
@@ -140,7 +145,8 @@ impl Drop for Lead {
 /// How a job turns runs into requests.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Plan {
-    /// All runs in one fetcher call (multi-range when several).
+    /// All runs in one fetcher call (multi-range when several); read-ahead
+    /// chunks in a second, concurrent one.
     OneRequest,
     /// Runs cut at about this many bytes, each its own request, all
     /// concurrent, so decoding the first overlaps downloading the rest.
@@ -189,7 +195,10 @@ pub(crate) async fn get_chunks<F: RangeFetcher + 'static>(
     let mut leads = Vec::new();
     for (i, c) in chunks.iter().enumerate() {
         if let Some(b) = cached_in_memory(&inner.caches, c) {
-            inner.stats.chunks_from_memory.fetch_add(1, Ordering::Relaxed);
+            inner
+                .stats
+                .chunks_from_memory
+                .fetch_add(1, Ordering::Relaxed);
             out[i] = Some(b);
             continue;
         }
@@ -204,7 +213,9 @@ pub(crate) async fn get_chunks<F: RangeFetcher + 'static>(
     if !leads.is_empty() {
         read_ahead(inner, &mut leads);
         inner.on_demand_inflight.fetch_add(1, Ordering::AcqRel);
-        inner.last_on_demand_ms.store(inner.now_ms(), Ordering::Release);
+        inner
+            .last_on_demand_ms
+            .store(inner.now_ms(), Ordering::Release);
         let job = inner.clone();
         tokio::spawn(async move {
             let _busy = OnDemandGuard(&job);
@@ -326,7 +337,24 @@ pub(crate) async fn run_job<F: RangeFetcher + 'static>(
         return 0;
     }
     match plan {
-        Plan::OneRequest => fetch_groups(inner, runs(rest, None)).await,
+        Plan::OneRequest => {
+            // Read-ahead goes in a parallel request so that the chunks a
+            // reader waits for are answered as soon as their own bytes
+            // arrive, not after the read-ahead's.
+            let (ahead, now): (Vec<Lead>, Vec<Lead>) =
+                rest.into_iter().partition(|l| l.kind == Kind::ReadAhead);
+            match (now.is_empty(), ahead.is_empty()) {
+                (false, false) => {
+                    let (a, b) = tokio::join!(
+                        fetch_groups(inner, runs(now, None)),
+                        fetch_groups(inner, runs(ahead, None))
+                    );
+                    a + b
+                }
+                (true, _) => fetch_groups(inner, runs(ahead, None)).await,
+                (false, true) => fetch_groups(inner, runs(now, None)).await,
+            }
+        }
         Plan::Split(max) => {
             let mut set = JoinSet::new();
             for g in runs(rest, Some(max)) {
@@ -387,7 +415,11 @@ async fn fetch_groups<F: RangeFetcher + 'static>(inner: &Arc<Inner<F>>, groups: 
     failed
 }
 
-async fn decode_group<F: RangeFetcher + 'static>(inner: &Arc<Inner<F>>, g: Group, body: Bytes) -> u64 {
+async fn decode_group<F: RangeFetcher + 'static>(
+    inner: &Arc<Inner<F>>,
+    g: Group,
+    body: Bytes,
+) -> u64 {
     let chunks: Vec<ChunkRef> = g.leads.iter().map(|l| l.chunk.clone()).collect();
     let start = g.range.start;
     let permit = inner.decode_permits.clone().acquire_owned().await;
@@ -431,7 +463,10 @@ async fn decode_group<F: RangeFetcher + 'static>(inner: &Arc<Inner<F>>, g: Group
             }
             Some(Err(msg)) => {
                 failed += 1;
-                inner.stats.verification_failures.fetch_add(1, Ordering::Relaxed);
+                inner
+                    .stats
+                    .verification_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 if let Some(n) = inner.verify_log.allow(inner.now_ms(), 1000) {
                     tracing::error!(
                         file = %l.chunk.name,
