@@ -180,10 +180,13 @@ pub async fn fetch_token(
     Ok((token, ttl * TTL_NUMERATOR / TTL_DENOMINATOR))
 }
 
+/// (host, scope) → (`Authorization` value, expiry; `None` = until invalidated).
+type AuthEntries = HashMap<(String, String), (String, Option<Instant>)>;
+
 /// `Authorization` values per (host, scope), with expiry.
 #[derive(Debug, Default)]
 pub struct AuthCache {
-    entries: Mutex<HashMap<(String, String), (String, Option<Instant>)>>,
+    entries: Mutex<AuthEntries>,
 }
 
 impl AuthCache {

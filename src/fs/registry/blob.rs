@@ -66,7 +66,9 @@ struct BlobInner {
     digest: String,
     scope: String,
     endpoints: Vec<Endpoint>,
+    /// (size, index of the pinned endpoint).
     sized: tokio::sync::OnceCell<(u64, usize)>,
+    known_size: Option<u64>,
     loc: Mutex<LocState>,
     resolver: tokio::sync::Mutex<()>,
     re_resolutions: AtomicU64,
@@ -75,6 +77,27 @@ struct BlobInner {
 impl RegistryClient {
     /// A reader for blob `digest` of `reference`'s repository.
     pub fn blob(&self, reference: &Reference, digest: &str) -> Result<Blob, RegistryError> {
+        self.make_blob(reference, digest, None)
+    }
+
+    /// A reader for a blob whose size is known from its (digest-verified)
+    /// descriptor. With a single endpoint no size request is made; with
+    /// mirrors, each endpoint's reported size must match `size`.
+    pub fn blob_with_size(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        size: u64,
+    ) -> Result<Blob, RegistryError> {
+        self.make_blob(reference, digest, Some(size))
+    }
+
+    fn make_blob(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        known_size: Option<u64>,
+    ) -> Result<Blob, RegistryError> {
         validate_digest(digest)
             .map_err(|m| RegistryError::InvalidReference(digest.to_owned(), m))?;
         let endpoints = self.config().endpoints(&reference.host, Capability::Pull)?;
@@ -84,8 +107,14 @@ impl RegistryClient {
                 reference: reference.clone(),
                 digest: digest.to_owned(),
                 scope: reference.pull_scope(),
+                sized: match known_size {
+                    Some(n) if endpoints.len() == 1 => {
+                        tokio::sync::OnceCell::new_with(Some((n, 0)))
+                    }
+                    _ => tokio::sync::OnceCell::new(),
+                },
+                known_size,
                 endpoints,
-                sized: tokio::sync::OnceCell::new(),
                 loc: Mutex::new(LocState::default()),
                 resolver: tokio::sync::Mutex::new(()),
                 re_resolutions: AtomicU64::new(0),
@@ -174,7 +203,16 @@ impl Blob {
     async fn lookup_size(&self) -> Result<(u64, usize), RegistryError> {
         let mut last = None;
         for (i, ep) in self.inner.endpoints.iter().enumerate() {
-            match self.size_at(ep).await {
+            let r = self
+                .size_at(ep)
+                .await
+                .and_then(|s| match self.inner.known_size {
+                    Some(k) if k != s => Err(RegistryError::ProtocolViolation(format!(
+                        "endpoint reports {s} bytes, descriptor says {k}"
+                    ))),
+                    _ => Ok(s),
+                });
+            match r {
                 Ok(s) => return Ok((s, i)),
                 Err(e) => {
                     tracing::warn!(endpoint = %ep.base, digest = %self.inner.digest, error = %e, "blob size lookup failed");
@@ -193,7 +231,7 @@ impl Blob {
         let head = c
             .retry("blob HEAD", || async {
                 let (sent, _) = c
-                    .send_following(&t, Method::HEAD, url.clone(), &HeaderMap::new())
+                    .send_following(t, Method::HEAD, url.clone(), &HeaderMap::new())
                     .await?;
                 if !sent.resp.status().is_success() {
                     return Err(status_failure(&sent.resp, "blob"));
@@ -214,7 +252,7 @@ impl Blob {
         let headers = &headers;
         c.retry("blob size GET", || async {
             let (sent, _) = c
-                .send_following(&t, Method::GET, url.clone(), &headers)
+                .send_following(t, Method::GET, url.clone(), headers)
                 .await?;
             match sent.resp.status().as_u16() {
                 206 => {
@@ -224,7 +262,7 @@ impl Blob {
                         })
                         .and_then(parse_content_range)?;
                     match (cr.range, cr.complete) {
-                        (Some(r), Some(total)) if r == (0..1) => Ok(total),
+                        (Some(Range { start: 0, end: 1 }), Some(total)) => Ok(total),
                         _ => Err(RegistryError::ProtocolViolation(
                             "Content-Range does not give the size".into(),
                         )
@@ -358,7 +396,21 @@ impl Blob {
                     .retry("blob multi-range GET", || {
                         self.multi_attempt(&group_spans, size, &refreshed)
                     })
-                    .await?;
+                    .await;
+                let res = match res {
+                    Ok(r) => r,
+                    // Answers that never parse (malformed multipart, parts
+                    // that lie) after all attempts: stop asking this host
+                    // for several ranges at once; single ranges follow.
+                    Err(RegistryError::ProtocolViolation(why)) => {
+                        tracing::warn!(%host, %why, "multi-range answers unusable");
+                        MultiResult {
+                            filled: Vec::new(),
+                            unsupported: true,
+                        }
+                    }
+                    Err(e) => return Err(e),
+                };
                 for (j, b) in res.filled {
                     out[group[j]] = Some(b);
                 }
@@ -402,7 +454,12 @@ impl Blob {
     ) -> Result<MultiResult, Failure> {
         let sent = self.get_range(&range_header(spans), refreshed).await?;
         let status = sent.resp.status().as_u16();
-        let want: u64 = spans.iter().map(|s| s.end - s.start).sum();
+        // A server may coalesce ranges across small gaps (RFC 9110 14.2):
+        // bound what is read by the envelope of the spans, not their sum.
+        let want = match (spans.first(), spans.last()) {
+            (Some(a), Some(z)) => z.end - a.start,
+            _ => 0,
+        };
         match status {
             206 => {
                 let parts = self.read_parts(sent, size, want, spans.len()).await?;

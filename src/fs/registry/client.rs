@@ -5,6 +5,7 @@
 //! reads, and the retry loop.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -42,6 +43,8 @@ impl From<RegistryError> for Failure {
 pub(crate) struct Sent {
     pub resp: Response,
     pub _permit: OwnedSemaphorePermit,
+    /// For counting body bytes.
+    pub client: RegistryClient,
 }
 
 /// Where a request is sent and how it authenticates.
@@ -61,7 +64,26 @@ pub struct RegistryClient {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// Counters since the client was built (for metrics and tests).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ClientStats {
+    /// HTTP requests sent (every hop, token requests excluded).
+    pub requests: u64,
+    /// Attempts repeated after a retryable failure.
+    pub retries: u64,
+    /// Body bytes read (verified or not).
+    pub bytes_received: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    requests: AtomicU64,
+    retries: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
 pub(crate) struct Inner {
+    counters: Counters,
     pub cfg: RegistryConfig,
     http: reqwest::Client,
     http_insecure: reqwest::Client,
@@ -92,17 +114,26 @@ fn build_http(cfg: &RegistryConfig, insecure: bool) -> Result<reqwest::Client, R
         .map_err(|e| RegistryError::Config(format!("HTTP client: {e}")))
 }
 
+/// Installs rustls' ring provider as the process default unless one is
+/// installed already. reqwest (built with `rustls-no-provider`) panics when
+/// a client is built without one, so any code building its own
+/// `reqwest::Client` calls this first; [`RegistryClient::new`] does.
+pub fn ensure_crypto_provider() {
+    // Process-wide by rustls' design; an already installed provider wins.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 impl RegistryClient {
     /// Builds a client: validates `cfg`, loads docker credentials, and
     /// installs rustls' ring provider as the process default if none is.
     pub fn new(cfg: RegistryConfig) -> Result<Self, RegistryError> {
         cfg.validate()?;
-        // Process-wide by rustls' design; an already installed provider wins.
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        ensure_crypto_provider();
         let creds =
             CredentialStore::load(docker_config_dir(cfg.docker_config.as_deref()).as_deref())?;
         Ok(Self {
             inner: Arc::new(Inner {
+                counters: Counters::default(),
                 http: build_http(&cfg, false)?,
                 http_insecure: build_http(&cfg, true)?,
                 creds,
@@ -118,6 +149,23 @@ impl RegistryClient {
     /// The configuration in force.
     pub fn config(&self) -> &RegistryConfig {
         &self.inner.cfg
+    }
+
+    /// Counters since the client was built.
+    pub fn stats(&self) -> ClientStats {
+        let c = &self.inner.counters;
+        ClientStats {
+            requests: c.requests.load(Ordering::Relaxed),
+            retries: c.retries.load(Ordering::Relaxed),
+            bytes_received: c.bytes_received.load(Ordering::Relaxed),
+        }
+    }
+
+    pub(crate) fn count_bytes(&self, n: usize) {
+        self.inner
+            .counters
+            .bytes_received
+            .fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Whether multi-range requests may be sent to `host` (`host:port`).
@@ -165,6 +213,7 @@ impl RegistryClient {
             match attempt().await {
                 Ok(v) => return Ok(v),
                 Err(f) if f.err.is_retryable() && n < policy.max_attempts => {
+                    self.inner.counters.retries.fetch_add(1, Ordering::Relaxed);
                     let delay = policy.delay(n, f.retry_after);
                     tracing::debug!(what, attempt = n, error = %f.err, ?delay, "retrying registry request");
                     tokio::time::sleep(delay).await;
@@ -177,7 +226,9 @@ impl RegistryClient {
         }
     }
 
+    /// A concurrency permit for one HTTP request (counted).
     async fn permit(&self) -> Result<OwnedSemaphorePermit, Failure> {
+        self.inner.counters.requests.fetch_add(1, Ordering::Relaxed);
         Arc::clone(&self.inner.sem)
             .acquire_owned()
             .await
@@ -210,6 +261,7 @@ impl RegistryClient {
         Ok(Sent {
             resp,
             _permit: permit,
+            client: self.clone(),
         })
     }
 
@@ -254,6 +306,7 @@ impl RegistryClient {
                 return Ok(Sent {
                     resp,
                     _permit: permit,
+                    client: self.clone(),
                 });
             }
             let challenge = resp
@@ -279,8 +332,18 @@ impl RegistryClient {
                     } else {
                         t.scope.to_owned()
                     };
+                    // Credentials never go to a plain-HTTP realm of an
+                    // HTTPS registry (a downgrade that would leak them).
+                    let cred = if realm.starts_with("http://")
+                        && t.endpoint.base.scheme() == "https"
+                    {
+                        tracing::warn!(%host, %realm, "plain-HTTP token realm: asking anonymously");
+                        None
+                    } else {
+                        cred
+                    };
                     let (token, ttl) = fetch_token(
-                        self.http(false),
+                        self.http(t.endpoint.skip_verify),
                         &realm,
                         service.as_deref(),
                         &scope_to_ask,
@@ -452,6 +515,7 @@ pub(crate) async fn read_body(
     expected: Option<u64>,
     limit: u64,
 ) -> Result<Bytes, RegistryError> {
+    let client = sent.client.clone();
     let mut resp = sent.resp;
     let cap = expected.unwrap_or(limit).min(limit);
     if let Some(cl) = content_length(&resp)
@@ -473,6 +537,7 @@ pub(crate) async fn read_body(
                 "body longer than {cap} bytes"
             )));
         }
+        client.count_bytes(chunk.len());
         buf.extend_from_slice(&chunk);
     }
     if let Some(e) = expected

@@ -16,6 +16,29 @@ use url::Url;
 use super::error::RegistryError;
 use super::reference::DOCKER_HUB;
 
+/// The `[registry]` section with every key at its default, as documented.
+/// A test parses it and compares it with [`RegistryConfig::default`].
+pub const SAMPLE_CONFIG: &str = r#"
+[registry]
+certs_d = "/etc/containerd/certs.d"   # containerd's hosts.toml tree
+# docker_config = "/root/.docker"     # default: $DOCKER_CONFIG, then ~/.docker
+insecure_hosts = []                   # plain HTTP (loopback hosts always are)
+skip_verify_hosts = []                # TLS without certificate verification
+max_concurrent_requests = 8           # in-flight HTTP requests per client
+max_attempts = 5                      # per request, first included
+connect_timeout_ms = 10000
+request_timeout_ms = 30000            # headers and body
+backoff_base_ms = 30                  # alias: min_wait_msec
+backoff_max_ms = 10000                # alias: max_wait_msec
+retry_after_cap_ms = 60000
+max_redirects = 5
+multi_range = true                    # hosts that fail it are remembered
+max_ranges_per_request = 32
+max_whole_body_bytes = 67108864       # 200-with-whole-blob answers used up to this size
+max_manifest_bytes = 4194304
+platform = "linux/amd64"
+"#;
+
 /// Registry client settings (`[registry]` in the daemon config).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -38,8 +61,12 @@ pub struct RegistryConfig {
     /// Whole-request timeout (headers and body), milliseconds.
     pub request_timeout_ms: u64,
     /// First backoff delay, milliseconds (doubles per attempt, jittered).
+    /// Also accepted as upstream's `min_wait_msec`.
+    #[serde(alias = "min_wait_msec")]
     pub backoff_base_ms: u64,
-    /// Largest backoff delay, milliseconds.
+    /// Largest backoff delay, milliseconds. Also accepted as upstream's
+    /// `max_wait_msec`.
+    #[serde(alias = "max_wait_msec")]
     pub backoff_max_ms: u64,
     /// Largest `Retry-After` honoured, milliseconds.
     pub retry_after_cap_ms: u64,
@@ -359,6 +386,20 @@ mod tests {
             ..RegistryConfig::default()
         };
         assert!(zero.validate().is_err());
+    }
+
+    #[test]
+    fn sample_config_is_the_default() {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Root {
+            registry: RegistryConfig,
+        }
+        let root: Root = toml::from_str(SAMPLE_CONFIG).unwrap();
+        assert_eq!(root.registry, RegistryConfig::default());
+        root.registry.validate().unwrap();
+        let c: RegistryConfig = toml::from_str("min_wait_msec = 7\nmax_wait_msec = 70").unwrap();
+        assert_eq!((c.backoff_base_ms, c.backoff_max_ms), (7, 70));
     }
 
     #[test]

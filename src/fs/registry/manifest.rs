@@ -217,7 +217,7 @@ impl RegistryClient {
         let (body, header_digest) = self
             .retry("manifest GET", || async move {
                 let (sent, _) = self
-                    .send_following(&t, Method::GET, url.clone(), &headers)
+                    .send_following(t, Method::GET, url.clone(), headers)
                     .await?;
                 if !sent.resp.status().is_success() {
                     return Err(status_failure(&sent.resp, &format!("manifest {r}")));

@@ -17,6 +17,7 @@
 //! - [`retry`]: jittered exponential backoff and `Retry-After`.
 //! - [`manifest`]: [`RegistryClient::resolve`] for manifests and indexes.
 //! - [`error`]: [`RegistryError`], with errno and log-reason mappings.
+//! - [`memory`]: [`MemoryBlob`], an in-memory [`RangeFetcher`] for tests.
 //!
 //! # Why reqwest directly, not `oci-client`
 //! `oci-client` 0.18 covers manifests, token auth and single-range blob
@@ -43,6 +44,7 @@ pub mod config;
 pub mod credentials;
 pub mod error;
 pub mod manifest;
+pub mod memory;
 pub mod range;
 pub mod reference;
 pub mod retry;
@@ -54,14 +56,16 @@ mod tests;
 
 use std::future::Future;
 use std::ops::Range;
+use std::pin::Pin;
 
 use bytes::Bytes;
 
 pub use blob::Blob;
-pub use client::RegistryClient;
+pub use client::{ClientStats, RegistryClient, ensure_crypto_provider};
 pub use config::{Capability, Endpoint, RegistryConfig};
 pub use error::RegistryError;
 pub use manifest::{Descriptor, Manifest, Resolved, TOC_DIGEST_ANNOTATION};
+pub use memory::MemoryBlob;
 pub use reference::Reference;
 
 /// The seam between the FUSE layer and the network: verified range reads of
@@ -76,4 +80,34 @@ pub trait RangeFetcher: Send + Sync {
 
     /// The blob size in bytes.
     fn size(&self) -> impl Future<Output = Result<u64, RegistryError>> + Send;
+}
+
+/// A boxed, `Send` future (what [`DynRangeFetcher`] returns).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Object-safe form of [`RangeFetcher`], for `Arc<dyn DynRangeFetcher>`
+/// where the implementation is chosen at run time. Every `RangeFetcher` is
+/// one.
+pub trait DynRangeFetcher: Send + Sync {
+    /// [`RangeFetcher::fetch`], boxed.
+    fn fetch_dyn<'a>(
+        &'a self,
+        ranges: &'a [Range<u64>],
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, RegistryError>>;
+
+    /// [`RangeFetcher::size`], boxed.
+    fn size_dyn(&self) -> BoxFuture<'_, Result<u64, RegistryError>>;
+}
+
+impl<T: RangeFetcher> DynRangeFetcher for T {
+    fn fetch_dyn<'a>(
+        &'a self,
+        ranges: &'a [Range<u64>],
+    ) -> BoxFuture<'a, Result<Vec<Bytes>, RegistryError>> {
+        Box::pin(self.fetch(ranges))
+    }
+
+    fn size_dyn(&self) -> BoxFuture<'_, Result<u64, RegistryError>> {
+        Box::pin(self.size())
+    }
 }

@@ -1,6 +1,9 @@
 //! Behaviour tests of the registry client against the scripted fake server
 //! (`fake.rs`), all on 127.0.0.1.
 
+// A one-range request list is what these tests mean.
+#![allow(clippy::single_range_in_vec_init)]
+
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -255,6 +258,13 @@ async fn server_errors_are_retried_within_bounds() {
     let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
     fetch_and_check(&b, &data, &[0..10]).await;
     assert_eq!(s.count(is_data_get), 4);
+    let st = c.stats();
+    assert_eq!(st.retries, 3);
+    assert_eq!(st.requests, s.count(|_| true) as u64);
+    assert_eq!(
+        st.bytes_received, 10,
+        "503 bodies are empty; one 10-byte range"
+    );
 
     let (s, data) = failing_server(usize::MAX, Resp::new(502)).await;
     let c = RegistryClient::new(test_config(&dir)).unwrap();
@@ -518,7 +528,7 @@ async fn redirect_drops_authorization_and_expiry_reresolves_once() {
     .await;
     // Registry: Bearer-protected; redirects blob GETs to the current URL.
     let storage_base = storage.base();
-    let (d, v) = (data.clone(), valid.clone());
+    let v = valid.clone();
     let registry = FakeServer::start(move |addr| {
         move |r: &Req| {
             if r.path.starts_with("/token") {
@@ -530,10 +540,8 @@ async fn redirect_drops_authorization_and_expiry_reresolves_once() {
                     format!(r#"Bearer realm="http://{addr}/token""#),
                 );
             }
-            if r.method == "HEAD" {
-                return Resp::new(200).body(d.to_vec());
-            }
-            // Relative to test Location resolution too: absolute here.
+            // HEAD and GET are both redirected (HEAD goes through the
+            // follow-redirects path, GET through the cached location).
             let loc = format!(
                 "{storage_base}/storage/blob?sig={}",
                 v.load(Ordering::SeqCst)
@@ -714,4 +722,201 @@ async fn resolve_picks_platform_and_verifies_digests() {
     .unwrap();
     let err = arm.resolve(&reference(&s)).await.unwrap_err();
     assert!(matches!(err, RegistryError::NotFound(_)), "{err:?}");
+}
+
+#[tokio::test]
+async fn coalesced_answer_is_used_and_garbage_multipart_falls_back() {
+    // A server that coalesces every multi-range request into one 206 part.
+    let data = blob_data();
+    let d = data.clone();
+    let s = FakeServer::start(move |_| {
+        move |r: &Req| {
+            if let Some(rh) = r.header("range").filter(|v| v.contains(',')) {
+                let rs = super::fake::parse_range_header(rh);
+                let (a, z) = (rs[0].start, rs[rs.len() - 1].end);
+                return Resp::new(206)
+                    .header("Content-Range", format!("bytes {a}-{}/{}", z - 1, d.len()))
+                    .body(d[a..z].to_vec());
+            }
+            range_response(&d, r, Multi::Multipart)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    fetch_and_check(&b, &data, &[0..10, 40..50]).await;
+    assert_eq!(
+        s.count(is_single_data),
+        0,
+        "coalesced part covers both spans"
+    );
+    assert!(c.multi_range_supported(&s.host()));
+
+    // A server whose multipart bodies are malformed (part shorter than its
+    // Content-Range says).
+    let data = blob_data();
+    let d = data.clone();
+    let s = FakeServer::start(move |_| {
+        move |r: &Req| {
+            if r.header("range").is_some_and(|v| v.contains(',')) {
+                return Resp::new(206)
+                    .header("Content-Type", "multipart/byteranges; boundary=B")
+                    .body("--B\r\nContent-Range: bytes 0-9/10000\r\n\r\nshort\r\n--B--\r\n");
+            }
+            range_response(&d, r, Multi::Multipart)
+        }
+    })
+    .await;
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    fetch_and_check(&b, &data, &[0..10, 40..50]).await;
+    assert_eq!(s.count(is_multi), 5, "retried, then given up");
+    assert_eq!(s.count(is_single_data), 2);
+    assert!(!c.multi_range_supported(&s.host()));
+}
+
+#[tokio::test]
+async fn refused_connection_is_unreachable_after_bounded_attempts() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RegistryConfig {
+        max_attempts: 3,
+        ..test_config(&dir)
+    };
+    let c = RegistryClient::new(cfg).unwrap();
+    let r = Reference::parse(&format!("127.0.0.1:{port}/test/repo:latest")).unwrap();
+    let b = c.blob(&r, &digest_of(b"x")).unwrap();
+    let t = Instant::now();
+    let err = b.blob_size().await.unwrap_err();
+    assert!(matches!(err, RegistryError::Unreachable(_)), "{err:?}");
+    assert_eq!(err.reason(), "unreachable");
+    assert!(t.elapsed() < Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn known_size_skips_the_size_request_and_is_checked_against_mirrors() {
+    let (s, data) = registry_with(Multi::Multipart).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c
+        .blob_with_size(&reference(&s), &digest_of(&data), BLOB_LEN as u64)
+        .unwrap();
+    fetch_and_check(&b, &data, &[0..10, 20..30]).await;
+    assert_eq!(s.count(|r| r.method == "HEAD"), 0);
+
+    // With a mirror that has a different blob size, the server is used.
+    let (upstream, data) = registry_with(Multi::Multipart).await;
+    let short = Arc::new(data[..100].to_vec());
+    let mirror =
+        FakeServer::start(move |_| move |r: &Req| range_response(&short, r, Multi::Multipart))
+            .await;
+    let certs = tempfile::tempdir().unwrap();
+    let hd = certs.path().join(upstream.host());
+    std::fs::create_dir_all(&hd).unwrap();
+    std::fs::write(
+        hd.join("hosts.toml"),
+        format!(
+            "server = \"{}\"\n[host.\"{}\"]\n",
+            upstream.base(),
+            mirror.base()
+        ),
+    )
+    .unwrap();
+    let c = RegistryClient::new(RegistryConfig {
+        certs_d: Some(certs.path().to_owned()),
+        ..test_config(&dir)
+    })
+    .unwrap();
+    let b = c
+        .blob_with_size(&reference(&upstream), &digest_of(&data), BLOB_LEN as u64)
+        .unwrap();
+    fetch_and_check(&b, &data, &[50..60]).await;
+    assert_eq!(mirror.count(is_data_get), 0, "mirror's size disagrees");
+    assert_eq!(upstream.count(is_data_get), 1);
+}
+
+#[tokio::test]
+async fn fetchers_are_usable_as_trait_objects() {
+    let (s, data) = registry_with(Multi::Multipart).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let real: Arc<dyn DynRangeFetcher> =
+        Arc::new(c.blob(&reference(&s), &digest_of(&data)).unwrap());
+    let fake: Arc<dyn DynRangeFetcher> = Arc::new(MemoryBlob::new(data.to_vec()));
+    let ranges = [0..5, 9_000..9_010, 3..3];
+    for f in [real, fake] {
+        assert_eq!(f.size_dyn().await.unwrap(), BLOB_LEN as u64);
+        let got = f.fetch_dyn(&ranges).await.unwrap();
+        assert_eq!(&got[1][..], &data[9_000..9_010]);
+        assert!(got[2].is_empty());
+        let err = f.fetch_dyn(&[9_999..10_001]).await.unwrap_err();
+        assert!(matches!(err, RegistryError::BadRange(_)), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn rejected_cached_token_is_replaced_and_basic_challenge_uses_credentials() {
+    // Tokens are numbered; the registry accepts only the newest one.
+    let data = blob_data();
+    let d = data.clone();
+    let issued = Arc::new(AtomicUsize::new(0));
+    let i2 = issued.clone();
+    let s = FakeServer::start(move |addr| {
+        move |r: &Req| {
+            if r.path.starts_with("/token") {
+                let n = i2.fetch_add(1, Ordering::SeqCst) + 1;
+                return Resp::new(200).body(format!(r#"{{"token":"tok-{n}","expires_in":600}}"#));
+            }
+            let want = format!("Bearer tok-{}", i2.load(Ordering::SeqCst));
+            if r.header("authorization") != Some(want.as_str()) {
+                return Resp::new(401).header(
+                    "WWW-Authenticate",
+                    format!(r#"Bearer realm="http://{addr}/token""#),
+                );
+            }
+            range_response(&d, r, Multi::Multipart)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    fetch_and_check(&b, &data, &[0..10]).await;
+    assert_eq!(issued.load(Ordering::SeqCst), 1);
+    // Revoke: the next token is the only valid one.
+    issued.fetch_add(1, Ordering::SeqCst);
+    fetch_and_check(&b, &data, &[10..20]).await;
+    assert_eq!(
+        issued.load(Ordering::SeqCst),
+        3,
+        "cached token rejected, a new one fetched"
+    );
+
+    // Basic challenge.
+    let d = data.clone();
+    let want = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("bob:pw")
+    );
+    let s = FakeServer::start(move |_| {
+        move |r: &Req| {
+            if r.header("authorization") != Some(want.as_str()) {
+                return Resp::new(401).header("WWW-Authenticate", r#"Basic realm="reg""#);
+            }
+            range_response(&d, r, Multi::Multipart)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    write_docker_config(&dir, &s.host(), r#"{"username":"bob","password":"pw"}"#);
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    fetch_and_check(&b, &data, &[0..10, 30..40]).await;
+    let unauth = s.count(|r| r.header("authorization").is_none());
+    assert_eq!(unauth, 1, "Basic header cached after the first challenge");
 }
