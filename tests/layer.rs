@@ -722,3 +722,91 @@ async fn content_source_is_object_safe_for_fuse() {
     let src: Arc<dyn content::ContentSource> = Arc::new(layer);
     assert_eq!(&src.read(ia, 5, 5).await.unwrap()[..], &a[5..10]);
 }
+
+#[tokio::test]
+async fn identical_chunks_are_shared_across_layers() {
+    let (blob, a, _) = big_blob();
+    // Same files, different blob (another layer with a different order).
+    let blob2 = build(&[
+        Spec::File("x", b"other", 0, false),
+        Spec::File("d/a", &a, 16 << 10, false),
+    ]);
+    let caches = Caches::memory_only(64 << 20);
+    let fake1 = Fake::new(blob);
+    let l1 = Arc::new(open(&fake1, cfg(), caches.clone()).await);
+    let id = l1.index().lookup("d/a").unwrap();
+    read_all(&l1, id, a.len() as u64).await;
+    let fake2 = Fake::new(blob2);
+    let l2 = Arc::new(open(&fake2, cfg(), caches).await);
+    let id = l2.index().lookup("d/a").unwrap();
+    assert_eq!(read_all(&l2, id, a.len() as u64).await, a);
+    assert_eq!(fake2.count(), 0, "served from the shared cache");
+}
+
+#[tokio::test]
+async fn big_prefetch_is_split_into_concurrent_ranges() {
+    let files: Vec<Vec<u8>> = (0..6).map(|i| noise(200 << 10, 100 + i)).collect();
+    let mut specs: Vec<Spec> = files
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Spec::File(["h0", "h1", "h2", "h3", "h4", "h5"][i], d, 64 << 10, false))
+        .collect();
+    specs.push(Spec::File(".prefetch.landmark", &[0x0f], 0, false));
+    specs.push(Spec::File("cold", b"cold", 0, false));
+    let blob = build(&specs);
+    let index = index_of(&blob);
+    let Prefetch::UpTo(landmark) = index.prefetch() else {
+        panic!("no landmark")
+    };
+    let fake = Fake::new(blob);
+    fake.0.delay_ms.store(100, Ordering::SeqCst);
+    let d = toc_digest(&fake.0.blob);
+    let c = LayerConfig {
+        prefetch: true,
+        prefetch_range_bytes: 256 << 10,
+        ..cfg()
+    };
+    let t0 = std::time::Instant::now();
+    let layer = open_layer(
+        fake.clone(),
+        TocCheck::Digest(d),
+        ctx(c, Caches::memory_only(64 << 20)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        layer.wait_prefetch(Duration::from_secs(10)).await,
+        PrefetchState::Done
+    );
+    let mut ranges: Vec<Range<u64>> = fake.calls()[1..].iter().flatten().cloned().collect();
+    ranges.sort_by_key(|r| r.start);
+    assert!(ranges.len() >= 4, "{ranges:?}");
+    assert_eq!(ranges.last().unwrap().end, landmark);
+    for w in ranges.windows(2) {
+        assert_eq!(w[0].end, w[1].start, "contiguous, no overlap");
+    }
+    // Concurrent: well under one delay per range (tail read included).
+    assert!(
+        t0.elapsed() < Duration::from_millis(100 * ranges.len() as u64),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(layer.stats().chunks_prefetched, 6 * 4);
+}
+
+#[tokio::test]
+async fn layers_with_a_runtime_chosen_fetcher() {
+    use rstargz::fs::layer::DynFetcher;
+    let (blob, a, _) = big_blob();
+    let d = toc_digest(&blob);
+    let fetcher = DynFetcher(Arc::new(Fake::new(blob)));
+    let layer = open_layer(
+        fetcher,
+        TocCheck::Digest(d),
+        ctx(cfg(), Caches::memory_only(1 << 20)),
+    )
+    .await
+    .unwrap();
+    let id = layer.index().lookup("d/a").unwrap();
+    assert_eq!(&layer.read_at(id, 0, 10).await.unwrap()[..], &a[..10]);
+}

@@ -50,7 +50,7 @@ use crate::estargz::reader::{
 };
 use crate::fs::cache::Caches;
 use crate::fs::content::{ContentSource, ReadError, ReadFuture};
-use crate::fs::registry::{RangeFetcher, RegistryError};
+use crate::fs::registry::{DynRangeFetcher, RangeFetcher, RegistryError};
 
 pub use config::LayerConfig;
 pub use stats::{LayerStats, PrefetchState, StatsSnapshot};
@@ -115,6 +115,22 @@ impl LayerContext {
             caches,
             reader: ReaderOptions::default(),
         }
+    }
+}
+
+/// A fetcher chosen at run time (registry [`crate::fs::registry::Blob`],
+/// in-memory blob, ...), so that every layer has the type
+/// `Layer<DynFetcher>`.
+#[derive(Clone)]
+pub struct DynFetcher(pub Arc<dyn DynRangeFetcher>);
+
+impl RangeFetcher for DynFetcher {
+    async fn fetch(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
+        self.0.fetch_dyn(ranges).await
+    }
+
+    async fn size(&self) -> Result<u64, RegistryError> {
+        self.0.size_dyn().await
     }
 }
 
