@@ -810,3 +810,45 @@ async fn layers_with_a_runtime_chosen_fetcher() {
     let id = layer.index().lookup("d/a").unwrap();
     assert_eq!(&layer.read_at(id, 0, 10).await.unwrap()[..], &a[..10]);
 }
+
+#[tokio::test]
+async fn unspecified_prefetch_uses_the_label_size() {
+    let (blob, a, _) = big_blob();
+    let fake = Fake::new(blob);
+    let d = toc_digest(&fake.0.blob);
+    let index = index_of(&fake.0.blob);
+    assert_eq!(index.prefetch(), Prefetch::Unspecified);
+    let ia = index.lookup("d/a").unwrap();
+    let end = index.chunks_of(ia).last().unwrap().compressed_end;
+    let mut c = ctx(
+        LayerConfig {
+            prefetch: true,
+            ..cfg()
+        },
+        Caches::memory_only(64 << 20),
+    );
+    c.prefetch_label = Some(end);
+    let layer = Arc::new(
+        open_layer(fake.clone(), TocCheck::Digest(d), c)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        layer.wait_prefetch(Duration::from_secs(10)).await,
+        PrefetchState::Done
+    );
+    fake.reset();
+    assert_eq!(read_all(&layer, ia, a.len() as u64).await, a);
+    assert_eq!(fake.count(), 0);
+    // Without a label or configured size: no prefetch.
+    let l2 = open(
+        &fake,
+        LayerConfig {
+            prefetch: true,
+            ..cfg()
+        },
+        Caches::memory_only(1 << 20),
+    )
+    .await;
+    assert_eq!(l2.wait_prefetch(Duration::ZERO).await, PrefetchState::None);
+}

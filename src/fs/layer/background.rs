@@ -25,8 +25,9 @@ use super::{Inner, PrefetchState};
 use crate::estargz::reader::Prefetch;
 use crate::fs::registry::RangeFetcher;
 
-/// Compressed bytes to prefetch: the landmark's offset, or the configured
-/// size for blobs without landmarks.
+/// Compressed bytes to prefetch: the landmark's offset, or for blobs
+/// without landmarks the label's size or the configured one, capped at the
+/// TOC offset.
 fn prefetch_limit<F>(inner: &Inner<F>) -> u64 {
     if !inner.cfg.prefetch {
         return 0;
@@ -35,8 +36,8 @@ fn prefetch_limit<F>(inner: &Inner<F>) -> u64 {
         Prefetch::UpTo(n) => n,
         Prefetch::Disabled => 0,
         Prefetch::Unspecified => inner
-            .cfg
-            .prefetch_unspecified_bytes
+            .prefetch_label
+            .unwrap_or(inner.cfg.prefetch_unspecified_bytes)
             .min(inner.index.toc_offset()),
     }
 }

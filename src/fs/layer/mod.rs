@@ -106,6 +106,10 @@ pub struct LayerContext {
     pub config: LayerConfig,
     pub caches: Caches,
     pub reader: ReaderOptions,
+    /// Prefetch size from the `containerd.io/snapshot/remote/stargz.prefetch`
+    /// label; used instead of `prefetch_unspecified_bytes` for blobs
+    /// without landmarks.
+    pub prefetch_label: Option<u64>,
 }
 
 impl LayerContext {
@@ -114,6 +118,7 @@ impl LayerContext {
             config,
             caches,
             reader: ReaderOptions::default(),
+            prefetch_label: None,
         }
     }
 }
@@ -150,6 +155,7 @@ pub(crate) struct Inner<F> {
     blob_size: u64,
     cfg: LayerConfig,
     caches: Caches,
+    prefetch_label: Option<u64>,
     stats: LayerStats,
     flights: Arc<Flights>,
     fetch_permits: Semaphore,
@@ -244,6 +250,7 @@ pub async fn open_layer<F: RangeFetcher + 'static>(
         decode_permits: Arc::new(Semaphore::new(cpus)),
         cfg,
         caches: ctx.caches,
+        prefetch_label: ctx.prefetch_label,
         stats,
         flights: Arc::new(Flights::default()),
         on_demand_inflight: AtomicUsize::new(0),
