@@ -1,5 +1,12 @@
 //! The remote filesystem: FUSE mounts of eStargz layers, registry range
 //! reads, and the chunk caches. See ARCHITECTURE.md for the thread model.
+//!
+//! - [`content`]: the [`ContentSource`] seam the FUSE filesystem reads from.
+//! - [`layer`]: one opened blob: TOC check, single-flight verified chunk
+//!   fetches, prefetch, background fetch, read-ahead, stats
+//!   (docs/layer.md).
+//! - [`cache`]: memory and disk chunk caches shared by all layers.
+//! - [`registry`]: the registry client ([`registry::RangeFetcher`]).
 
 pub mod cache;
 pub mod content;

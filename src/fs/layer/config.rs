@@ -114,4 +114,14 @@ mod tests {
         };
         assert!(bad.validate().is_err());
     }
+
+    /// The sample in docs/layer.md holds exactly the defaults.
+    #[test]
+    fn documented_sample_is_the_defaults() {
+        let doc = include_str!("../../../docs/layer.md");
+        let start = doc.find("# [layer]").expect("sample in docs/layer.md");
+        let end = start + doc[start..].find("```").expect("end of sample");
+        let c: LayerConfig = toml::from_str(&doc[start..end]).unwrap();
+        assert_eq!(c, LayerConfig::default());
+    }
 }
