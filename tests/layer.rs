@@ -108,8 +108,12 @@ fn cfg() -> LayerConfig {
     }
 }
 
+/// A context whose tail read holds only the footer, so that chunk requests
+/// in these small test blobs are not served from the tail.
 fn ctx(cfg: LayerConfig, caches: Caches) -> LayerContext {
-    LayerContext::new(cfg, caches)
+    let mut c = LayerContext::new(cfg, caches);
+    c.reader.tail_size = 0;
+    c
 }
 
 async fn open(fake: &Fake, cfg: LayerConfig, caches: Caches) -> Layer<Fake> {
@@ -218,7 +222,7 @@ async fn open_reads_tail_once_or_twice() {
     let _l = open_layer(
         fake.clone(),
         TocCheck::Digest(d),
-        ctx(cfg(), Caches::memory_only(1 << 20)),
+        LayerContext::new(cfg(), Caches::memory_only(1 << 20)),
     )
     .await
     .unwrap();
@@ -500,10 +504,10 @@ async fn prefetch_fetches_the_landmark_range_once() {
         PrefetchState::Done
     );
     let calls = fake.calls();
-    // calls[0] is the tail read at open.
-    assert_eq!(calls.len(), 2, "{calls:?}");
+    // calls[0..2] are the footer and TOC reads at open.
+    assert_eq!(calls.len(), 3, "{calls:?}");
     let first = index.chunk_for(index.lookup("hot1").unwrap(), 0).unwrap();
-    assert_eq!(calls[1], vec![first.compressed_offset..landmark]);
+    assert_eq!(calls[2], vec![first.compressed_offset..landmark]);
     fake.reset();
     for (name, data) in [("hot1", &files[0].1), ("hot2", &files[1].1)] {
         let id = layer.index().lookup(name).unwrap();
@@ -541,7 +545,12 @@ async fn prefetch_wait_times_out_and_readers_join_it() {
     let id = layer.index().lookup("hot1").unwrap();
     let got = read_all(&layer, id, files[0].1.len() as u64).await;
     assert_eq!(got, files[0].1);
-    assert_eq!(fake.count(), 2, "tail + prefetch only: {:?}", fake.calls());
+    assert_eq!(
+        fake.count(),
+        3,
+        "footer + TOC + prefetch only: {:?}",
+        fake.calls()
+    );
     let s = layer.wait_prefetch(Duration::from_millis(1)).await;
     assert_eq!(s, PrefetchState::Done);
 }
@@ -768,7 +777,7 @@ async fn big_prefetch_is_split_into_concurrent_ranges() {
         panic!("no landmark")
     };
     let fake = Fake::new(blob);
-    fake.0.delay_ms.store(100, Ordering::SeqCst);
+    fake.0.delay_ms.store(300, Ordering::SeqCst);
     let d = toc_digest(&fake.0.blob);
     let c = LayerConfig {
         prefetch: true,
@@ -787,19 +796,17 @@ async fn big_prefetch_is_split_into_concurrent_ranges() {
         layer.wait_prefetch(Duration::from_secs(10)).await,
         PrefetchState::Done
     );
-    let mut ranges: Vec<Range<u64>> = fake.calls()[1..].iter().flatten().cloned().collect();
+    let mut ranges: Vec<Range<u64>> = fake.calls()[2..].iter().flatten().cloned().collect();
     ranges.sort_by_key(|r| r.start);
     assert!(ranges.len() >= 4, "{ranges:?}");
     assert_eq!(ranges.last().unwrap().end, landmark);
     for w in ranges.windows(2) {
         assert_eq!(w[0].end, w[1].start, "contiguous, no overlap");
     }
-    // Concurrent: well under one delay per range (tail read included).
-    assert!(
-        t0.elapsed() < Duration::from_millis(100 * ranges.len() as u64),
-        "{:?}",
-        t0.elapsed()
-    );
+    // Concurrent: sequential requests (two at open plus one per range) would
+    // take (2 + n) x 300 ms.
+    let sequential = Duration::from_millis(300 * (2 + ranges.len() as u64));
+    assert!(t0.elapsed() < sequential * 3 / 4, "{:?}", t0.elapsed());
     assert_eq!(layer.stats().chunks_prefetched, 6 * 4);
 }
 
@@ -860,4 +867,32 @@ async fn unspecified_prefetch_uses_the_label_size() {
     )
     .await;
     assert_eq!(l2.wait_prefetch(Duration::ZERO).await, PrefetchState::None);
+}
+
+#[tokio::test]
+async fn small_layers_are_served_from_the_tail_read() {
+    let (blob, a, b) = big_blob();
+    assert!(blob.len() < 512 << 10);
+    let fake = Fake::new(blob);
+    let d = toc_digest(&fake.0.blob);
+    let c = LayerContext::new(
+        LayerConfig {
+            prefetch: true,
+            ..cfg()
+        },
+        Caches::memory_only(64 << 20),
+    );
+    let layer = Arc::new(
+        open_layer(fake.clone(), TocCheck::Digest(d), c)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(fake.count(), 1, "the tail read");
+    let ia = layer.index().lookup("d/a").unwrap();
+    let ib = layer.index().lookup("d/b").unwrap();
+    assert_eq!(read_all(&layer, ia, a.len() as u64).await, a);
+    assert_eq!(read_all(&layer, ib, b.len() as u64).await, b);
+    assert_eq!(fake.count(), 1, "no chunk requests: {:?}", fake.calls());
+    let chunks = layer.index().all_chunks().count() as u64;
+    assert_eq!(layer.stats().chunks_from_tail, chunks);
 }

@@ -1,5 +1,9 @@
 //! Prefetch at open, then background fetch of the rest.
 //!
+//! First, chunks that lie wholly inside the tail read at open (the last
+//! `tail_size` bytes, fetched for the footer and TOC) are decoded from it and
+//! cached, so small layers cost no chunk request at all.
+//!
 //! Prefetch takes the chunks inside `[0, landmark)` (or the configured size
 //! for blobs without landmarks), leads their flights (so on-demand readers
 //! of prioritized files wait for it instead of fetching again) and fetches
@@ -20,7 +24,9 @@ use std::time::Duration;
 
 use tokio::task::JoinSet;
 
-use super::fetch::{Kind, Plan, run_job};
+use bytes::Bytes;
+
+use super::fetch::{Group, Kind, Plan, decode_group, run_job};
 use super::{Inner, PrefetchState};
 use crate::estargz::reader::Prefetch;
 use crate::fs::registry::RangeFetcher;
@@ -42,8 +48,19 @@ fn prefetch_limit<F>(inner: &Inner<F>) -> u64 {
     }
 }
 
-pub(super) fn start<F: RangeFetcher + 'static>(inner: &Arc<Inner<F>>) {
+pub(super) fn start<F: RangeFetcher + 'static>(inner: &Arc<Inner<F>>, tail: (u64, Bytes)) {
     let limit = prefetch_limit(inner);
+    // Chunks wholly inside the tail read at open are decoded from it: small
+    // layers need no chunk request at all.
+    let (tail_start, tail_bytes) = tail;
+    let tail_end = tail_start + tail_bytes.len() as u64;
+    let tail_leads: Vec<_> = inner
+        .order
+        .iter()
+        .filter(|c| c.compressed_offset >= tail_start && c.compressed_end <= tail_end)
+        .filter_map(|c| inner.flights.try_lead(c, Kind::Tail))
+        .collect();
+    let tail_prefetches = tail_leads.iter().any(|l| l.chunk.compressed_end <= limit);
     let leads: Vec<_> = inner
         .order
         .iter()
@@ -51,12 +68,17 @@ pub(super) fn start<F: RangeFetcher + 'static>(inner: &Arc<Inner<F>>) {
         .filter_map(|c| inner.flights.try_lead(c, Kind::Prefetch))
         .collect();
     let background = inner.cfg.background_fetch && inner.caches.disk.is_some();
-    if leads.is_empty() && !background {
+    if leads.is_empty() && tail_leads.is_empty() && !background {
         return;
     }
-    if !leads.is_empty() {
+    let prefetching = !leads.is_empty() || tail_prefetches;
+    if prefetching {
         inner.prefetch.send_replace(PrefetchState::Running);
     }
+    let tail_group = Group {
+        range: tail_start..tail_end,
+        leads: tail_leads,
+    };
     let task = inner.clone();
     tokio::spawn(async move {
         let cancel = task.cancel.clone();
@@ -70,21 +92,29 @@ pub(super) fn start<F: RangeFetcher + 'static>(inner: &Arc<Inner<F>>) {
                     running
                 });
             }
-            _ = run(&task, leads, limit, background) => {}
+            _ = run(&task, tail_group, tail_bytes, leads, limit, background, prefetching) => {}
         }
     });
 }
 
 async fn run<F: RangeFetcher + 'static>(
     inner: &Arc<Inner<F>>,
+    tail: Group,
+    tail_bytes: Bytes,
     leads: Vec<super::fetch::Lead>,
     limit: u64,
     background: bool,
+    prefetching: bool,
 ) {
-    if !leads.is_empty() {
-        let n = leads.len();
-        let t0 = std::time::Instant::now();
-        let failed = run_job(inner, leads, Plan::Split(inner.cfg.prefetch_range_bytes)).await;
+    let t0 = std::time::Instant::now();
+    let mut failed = 0;
+    let mut n = tail.leads.len();
+    if !tail.leads.is_empty() {
+        failed += decode_group(inner, tail, tail_bytes).await;
+    }
+    if prefetching {
+        n += leads.len();
+        failed += run_job(inner, leads, Plan::Split(inner.cfg.prefetch_range_bytes)).await;
         let state = if failed == 0 {
             PrefetchState::Done
         } else {

@@ -53,6 +53,8 @@ pub(crate) enum Kind {
     ReadAhead,
     Prefetch,
     Background,
+    /// Decoded from the tail read at open, no fetch of its own.
+    Tail,
 }
 
 /// The obligation to answer one flight.
@@ -415,7 +417,7 @@ async fn fetch_groups<F: RangeFetcher + 'static>(inner: &Arc<Inner<F>>, groups: 
     failed
 }
 
-async fn decode_group<F: RangeFetcher + 'static>(
+pub(crate) async fn decode_group<F: RangeFetcher + 'static>(
     inner: &Arc<Inner<F>>,
     g: Group,
     body: Bytes,
@@ -457,6 +459,7 @@ async fn decode_group<F: RangeFetcher + 'static>(
                     Kind::ReadAhead => &inner.stats.chunks_read_ahead,
                     Kind::Prefetch => &inner.stats.chunks_prefetched,
                     Kind::Background => &inner.stats.chunks_background,
+                    Kind::Tail => &inner.stats.chunks_from_tail,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 l.publish(Ok(b));

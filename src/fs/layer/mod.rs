@@ -211,6 +211,7 @@ pub async fn open_layer<F: RangeFetcher + 'static>(
     };
     let opts = ctx.reader.clone();
     let o2 = opts.clone();
+    let tail_bytes = tail.clone();
     let outcome = blocking(move || index_from_tail(&tail, size, &o2, expected.as_ref())).await?;
     let index = match outcome {
         TailOutcome::Ready(index) => index,
@@ -269,7 +270,7 @@ pub async fn open_layer<F: RangeFetcher + 'static>(
         verified = matches!(trust, Trust::Verified { .. }),
         "layer opened"
     );
-    background::start(&inner);
+    background::start(&inner, (size - tl, tail_bytes));
     Ok(Layer {
         inner,
         trust,

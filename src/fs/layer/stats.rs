@@ -37,6 +37,8 @@ pub struct LayerStats {
     pub chunks_read_ahead: AtomicU64,
     pub chunks_prefetched: AtomicU64,
     pub chunks_background: AtomicU64,
+    /// Chunks decoded from the tail read at open (no request of their own).
+    pub chunks_from_tail: AtomicU64,
     pub verification_failures: AtomicU64,
     pub disk_write_errors: AtomicU64,
     /// Bytes returned to readers.
@@ -60,6 +62,7 @@ pub struct StatsSnapshot {
     pub chunks_read_ahead: u64,
     pub chunks_prefetched: u64,
     pub chunks_background: u64,
+    pub chunks_from_tail: u64,
     pub verification_failures: u64,
     pub disk_write_errors: u64,
     pub bytes_served: u64,
@@ -117,6 +120,7 @@ impl LayerStats {
             chunks_read_ahead: g(&self.chunks_read_ahead),
             chunks_prefetched: g(&self.chunks_prefetched),
             chunks_background: g(&self.chunks_background),
+            chunks_from_tail: g(&self.chunks_from_tail),
             verification_failures: g(&self.verification_failures),
             disk_write_errors: g(&self.disk_write_errors),
             bytes_served: g(&self.bytes_served),
