@@ -155,14 +155,13 @@ async fn layer_over_a_real_registry() {
         background_pause_ms: 0,
         ..LayerConfig::default()
     };
+    // A footer-only tail read, so that chunks come through range requests.
+    let mut ctx = LayerContext::new(cfg, caches);
+    ctx.reader.tail_size = 0;
     let layer = Arc::new(
-        open_layer(
-            fetcher,
-            TocCheck::Digest(toc),
-            LayerContext::new(cfg, caches),
-        )
-        .await
-        .unwrap(),
+        open_layer(fetcher, TocCheck::Digest(toc), ctx)
+            .await
+            .unwrap(),
     );
     assert!(layer.is_verified());
     assert_eq!(
@@ -188,6 +187,23 @@ async fn layer_over_a_real_registry() {
     assert_eq!(s.verification_failures, 0);
     assert_eq!(s.blob_size, blob.len() as u64);
     assert!(s.bytes_fetched <= blob.len() as u64 * 2);
+    assert!(s.chunks_prefetched > 0);
+    assert!(s.chunks_background + s.chunks_from_network + s.chunks_read_ahead > 0);
+    assert_eq!(s.fetch_errors, 0);
+
+    // Default tail: this small blob arrives whole with the footer read.
+    let fetcher = client.blob(&reference, &digest).unwrap();
+    let small = open_layer(
+        fetcher,
+        TocCheck::Digest(toc),
+        LayerContext::new(LayerConfig::default(), Caches::memory_only(16 << 20)),
+    )
+    .await
+    .unwrap();
+    let (name, data) = &files[7];
+    let id = small.index().lookup(name).unwrap();
+    assert_eq!(&small.read_at(id, 0, 1 << 20).await.unwrap()[..], &data[..]);
+    assert_eq!(small.stats().fetches, 1);
 
     // A wrong TOC digest is refused by the same path.
     let fetcher = client.blob(&reference, &digest).unwrap();
