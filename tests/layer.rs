@@ -30,6 +30,9 @@ struct FakeState {
     calls: Mutex<Vec<Vec<Range<u64>>>>,
     bytes: AtomicU64,
     delay_ms: AtomicU64,
+    /// Requests being answered now, and the most seen at once.
+    active: AtomicU64,
+    max_active: AtomicU64,
     /// Flip the byte at this blob offset in answers (u64::MAX = none).
     flip_at: AtomicU64,
     fail: AtomicBool,
@@ -62,10 +65,13 @@ impl Fake {
 impl RangeFetcher for Fake {
     async fn fetch(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
         self.0.calls.lock().unwrap().push(ranges.to_vec());
+        let now = self.0.active.fetch_add(1, Ordering::SeqCst) + 1;
+        self.0.max_active.fetch_max(now, Ordering::SeqCst);
         let d = self.0.delay_ms.load(Ordering::SeqCst);
         if d > 0 {
             tokio::time::sleep(Duration::from_millis(d)).await;
         }
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
         if self.0.fail.load(Ordering::SeqCst) {
             return Err(RegistryError::ServerError(503));
         }
@@ -895,4 +901,30 @@ async fn small_layers_are_served_from_the_tail_read() {
     assert_eq!(fake.count(), 1, "no chunk requests: {:?}", fake.calls());
     let chunks = layer.index().all_chunks().count() as u64;
     assert_eq!(layer.stats().chunks_from_tail, chunks);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_demand_requests_are_bounded_per_layer() {
+    let (blob, files) = many_files(40, 4 << 10);
+    let fake = Fake::new(blob);
+    let c = LayerConfig {
+        fetch_concurrency: 3,
+        ..cfg()
+    };
+    let layer = Arc::new(open(&fake, c, Caches::memory_only(64 << 20)).await);
+    fake.0.delay_ms.store(30, Ordering::SeqCst);
+    fake.0.max_active.store(0, Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for (name, data) in files {
+        let l = layer.clone();
+        tasks.push(tokio::spawn(async move {
+            let id = l.index().lookup(&name).unwrap();
+            assert_eq!(read_all(&l, id, data.len() as u64).await, data);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(fake.count(), 40);
+    assert_eq!(fake.0.max_active.load(Ordering::SeqCst), 3);
 }

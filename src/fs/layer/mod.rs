@@ -7,7 +7,7 @@
 //!   exists ([`TocCheck`], [`Trust`]).
 //! - [`Layer`]: implements [`ContentSource`]. A read maps `(node, offset,
 //!   size)` to chunks; each comes from the memory cache, the disk cache or a
-//!   fetch ([`fetch`]).
+//!   fetch.
 //! - `fetch`: fetch jobs. Every chunk being fetched has one *flight*; later
 //!   readers of it wait on the flight instead of fetching again. A job
 //!   merges adjacent chunks into one range, decodes and verifies on the
