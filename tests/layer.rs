@@ -928,3 +928,23 @@ async fn on_demand_requests_are_bounded_per_layer() {
     assert_eq!(fake.count(), 40);
     assert_eq!(fake.0.max_active.load(Ordering::SeqCst), 3);
 }
+
+#[tokio::test]
+async fn slow_reads_time_out_but_the_fetch_still_fills_the_cache() {
+    let (blob, a, _) = big_blob();
+    let fake = Fake::new(blob);
+    let c = LayerConfig {
+        read_timeout_ms: 50,
+        ..cfg()
+    };
+    let layer = Arc::new(open(&fake, c, Caches::memory_only(64 << 20)).await);
+    fake.0.delay_ms.store(300, Ordering::SeqCst);
+    let ia = layer.index().lookup("d/a").unwrap();
+    assert!(matches!(
+        layer.clone().read(ia, 0, 10).await,
+        Err(ReadError::Timeout(_))
+    ));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(&layer.clone().read(ia, 0, 10).await.unwrap()[..], &a[..10]);
+    assert_eq!(fake.count(), 1);
+}

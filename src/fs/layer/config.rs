@@ -20,6 +20,10 @@ pub struct LayerConfig {
     pub disk_cache_dir: Option<PathBuf>,
     /// Range requests in flight per layer for on-demand reads.
     pub fetch_concurrency: usize,
+    /// A read waiting longer than this for its chunks fails with
+    /// `ReadError::Timeout` (EIO); the fetch itself goes on and still fills
+    /// the caches. 0 = wait as long as the registry client retries.
+    pub read_timeout_ms: u64,
     /// Fetch the prioritized files (`[0, landmark)`) when a layer opens.
     pub prefetch: bool,
     /// Prefetch size for blobs without landmarks. 0 = none.
@@ -49,6 +53,7 @@ impl Default for LayerConfig {
             disk_cache_bytes: 10 << 30,
             disk_cache_dir: None,
             fetch_concurrency: 8,
+            read_timeout_ms: 60_000,
             prefetch: true,
             prefetch_unspecified_bytes: 0,
             prefetch_range_bytes: 8 << 20,

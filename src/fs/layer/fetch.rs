@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::watch;
@@ -229,13 +229,25 @@ pub(crate) async fn get_chunks<F: RangeFetcher + 'static>(
             }
         });
     }
-    for (i, mut rx) in waits {
-        let r = match rx.wait_for(|s| s.is_some()).await {
-            Ok(s) => s.clone().unwrap_or(Err(ReadError::Closed)),
-            Err(_) if inner.cancel.is_cancelled() => Err(ReadError::Closed),
-            Err(_) => Err(ReadError::Fetch("fetch abandoned".into())),
-        };
-        out[i] = Some(r?);
+    let wait_all = async {
+        for (i, mut rx) in waits {
+            let r = match rx.wait_for(|s| s.is_some()).await {
+                Ok(s) => s.clone().unwrap_or(Err(ReadError::Closed)),
+                Err(_) if inner.cancel.is_cancelled() => Err(ReadError::Closed),
+                Err(_) => Err(ReadError::Fetch("fetch abandoned".into())),
+            };
+            out[i] = Some(r?);
+        }
+        Ok::<_, ReadError>(())
+    };
+    let limit = inner.cfg.read_timeout_ms;
+    if limit == 0 {
+        wait_all.await?;
+    } else {
+        let limit = Duration::from_millis(limit);
+        tokio::time::timeout(limit, wait_all)
+            .await
+            .map_err(|_| ReadError::Timeout(limit))??;
     }
     Ok(out.into_iter().flatten().collect())
 }
