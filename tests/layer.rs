@@ -948,3 +948,28 @@ async fn slow_reads_time_out_but_the_fetch_still_fills_the_cache() {
     assert_eq!(&layer.clone().read(ia, 0, 10).await.unwrap()[..], &a[..10]);
     assert_eq!(fake.count(), 1);
 }
+
+#[tokio::test]
+async fn a_chunk_never_fetches_more_than_it_can_need() {
+    // One small file, then 2 MiB of incompressible bytes in its member
+    // before the TOC: the file's compressed range runs to the TOC.
+    let data = noise(1000, 42);
+    let mut w = TestWriter::new();
+    w.add(&Spec::File("small", &data, 0, false));
+    w.write(&noise(2 << 20, 43));
+    let mut toc = rstargz::estargz::toc::JsonToc {
+        version: 1,
+        entries: std::mem::take(&mut w.entries),
+    };
+    toc.entries.truncate(1);
+    let json = serde_json::to_vec(&toc).unwrap();
+    let blob = w.finish_with_json(&json, false);
+    let fake = Fake::new(blob);
+    let layer = Arc::new(open(&fake, cfg(), Caches::memory_only(1 << 20)).await);
+    let id = layer.index().lookup("small").unwrap();
+    let c = layer.index().chunk_for(id, 0).unwrap();
+    assert!(c.compressed_len() > 2 << 20);
+    assert_eq!(read_all(&layer, id, 1000).await, data);
+    let fetched = fake.0.bytes.load(Ordering::SeqCst);
+    assert!(fetched < 80 << 10, "fetched {fetched}");
+}

@@ -235,7 +235,7 @@ pub async fn open_layer<F: RangeFetcher + 'static>(
         }
         (TocCheck::Skip { reason }, _) => Trust::Unverified { reason },
     };
-    let mut order: Vec<ChunkRef> = index.all_chunks().collect();
+    let mut order: Vec<ChunkRef> = index.all_chunks().map(clamp_span).collect();
     order.sort_by_key(key_of);
     let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let cancel = CancellationToken::new();
@@ -389,6 +389,7 @@ async fn read<F: RangeFetcher + 'static>(
         .chunks_of(node)
         .skip_while(|c| c.chunk_end() <= offset)
         .take_while(|c| c.chunk_offset < end)
+        .map(clamp_span)
         .collect();
     let datas = fetch::get_chunks(inner, chunks.clone()).await?;
     let out = assemble(&chunks, &datas, offset, end);
@@ -397,6 +398,28 @@ async fn read<F: RangeFetcher + 'static>(
         .bytes_served
         .fetch_add(out.len() as u64, Ordering::Relaxed);
     Ok(out)
+}
+
+/// Gzip header and trailer and deflate block headers allowed beyond twice
+/// the inflated size when clamping a chunk's compressed span.
+const SPAN_SLACK: u64 = 64 << 10;
+
+/// Shortens a chunk's compressed range to what can possibly be needed to
+/// inflate `inner_offset + chunk_size` bytes. No deflate stream an encoder
+/// would write spends more than 2 bytes per output byte (stored blocks cost
+/// `n + n/13107`; the longest Huffman codes, 15-bit literals, under 1.9x),
+/// plus headers. `compressed_end` runs to the next payload member, so
+/// without this a chunk followed by a long run of header-only members (or a
+/// hostile TOC whose one small file "ends" at the TOC) would fetch all of
+/// it.
+fn clamp_span(mut c: ChunkRef) -> ChunkRef {
+    let need = c.inner_offset.saturating_add(c.chunk_size);
+    let max = need
+        .saturating_mul(2)
+        .saturating_add(SPAN_SLACK)
+        .saturating_add(c.compressed_offset);
+    c.compressed_end = c.compressed_end.min(max);
+    c
 }
 
 /// Cuts `[offset, end)` of the file out of the chunks' contents.
