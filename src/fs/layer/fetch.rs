@@ -523,3 +523,69 @@ pub(crate) async fn decode_group<F: RangeFetcher + 'static>(
     }
     failed
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(off: u64, end: u64, inner: u64) -> ChunkRef {
+        ChunkRef {
+            node: crate::estargz::reader::NodeId(1),
+            name: "f".into(),
+            compressed_offset: off,
+            compressed_end: end,
+            inner_offset: inner,
+            chunk_offset: 0,
+            chunk_size: 1,
+            chunk_digest: None,
+        }
+    }
+
+    #[test]
+    fn runs_merge_adjacent_and_shared_members_and_cut_at_max() {
+        let flights = Arc::new(Flights::default());
+        let lead = |c: ChunkRef| flights.try_lead(&c, Kind::OnDemand).unwrap();
+        let leads = vec![
+            lead(chunk(300, 400, 0)),
+            lead(chunk(0, 100, 0)),
+            lead(chunk(100, 200, 0)),
+            // Shares the member at 100.
+            lead(chunk(100, 200, 50)),
+            lead(chunk(500, 600, 0)),
+        ];
+        let g = runs(leads, None);
+        let ranges: Vec<_> = g.iter().map(|g| g.range.clone()).collect();
+        assert_eq!(ranges, vec![0..200, 300..400, 500..600]);
+        assert_eq!(g[0].leads.len(), 3);
+        drop(g);
+        assert_eq!(flights.len(), 0, "dropped leads leave no flights");
+
+        let leads = (0..4)
+            .map(|i| lead(chunk(i * 100, i * 100 + 100, 0)))
+            .collect();
+        let ranges: Vec<_> = runs(leads, Some(200))
+            .iter()
+            .map(|g| g.range.clone())
+            .collect();
+        assert_eq!(ranges, vec![0..200, 200..400]);
+    }
+
+    #[test]
+    fn a_flight_is_led_once_and_answered_once() {
+        let flights = Arc::new(Flights::default());
+        let c = chunk(0, 10, 0);
+        let Joined::Lead(l, mut rx1) = flights.join(&c, Kind::OnDemand) else {
+            panic!("first joiner leads")
+        };
+        let Joined::Wait(mut rx2) = flights.join(&c, Kind::OnDemand) else {
+            panic!("second joiner waits")
+        };
+        assert!(flights.try_lead(&c, Kind::Background).is_none());
+        l.publish(Ok(Bytes::from_static(b"x")));
+        assert_eq!(flights.len(), 0);
+        for rx in [&mut rx1, &mut rx2] {
+            let v = rx.borrow_and_update().clone();
+            assert_eq!(v.unwrap().unwrap(), Bytes::from_static(b"x"));
+        }
+    }
+}
