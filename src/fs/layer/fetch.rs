@@ -442,9 +442,15 @@ pub(crate) async fn decode_group<F: RangeFetcher + 'static>(
         chunks
             .iter()
             .map(|c| {
-                let a = (c.compressed_offset - start) as usize;
-                let b = (c.compressed_end - start).min(body.len() as u64) as usize;
-                decode_chunk(&body[a..b], c).map_err(|e| e.to_string())
+                let a = usize::try_from(c.compressed_offset.saturating_sub(start));
+                let b = usize::try_from(c.compressed_end.saturating_sub(start));
+                match (a, b) {
+                    (Ok(a), Ok(b)) if c.compressed_offset >= start && a <= b => {
+                        let bytes = body.get(a..b.min(body.len())).unwrap_or_default();
+                        decode_chunk(bytes, c).map_err(|e| e.to_string())
+                    }
+                    _ => Err(format!("chunk of {:?} outside the fetched range", c.name)),
+                }
             })
             .collect::<Vec<_>>()
     })
