@@ -973,3 +973,28 @@ async fn a_chunk_never_fetches_more_than_it_can_need() {
     let fetched = fake.0.bytes.load(Ordering::SeqCst);
     assert!(fetched < 80 << 10, "fetched {fetched}");
 }
+
+#[test]
+fn toc_check_from_labels() {
+    use rstargz::fs::layer::{PREFETCH_LABEL, SKIP_VERIFY_LABEL, TOC_DIGEST_LABEL};
+    use std::collections::HashMap;
+    let d = Digest::of(b"toc");
+    let mut labels = HashMap::new();
+    assert!(TocCheck::from_labels(&labels, true).is_err());
+    labels.insert(SKIP_VERIFY_LABEL.to_string(), "true".to_string());
+    assert!(TocCheck::from_labels(&labels, false).is_err());
+    assert!(matches!(
+        TocCheck::from_labels(&labels, true),
+        Ok(TocCheck::Skip { .. })
+    ));
+    labels.insert(TOC_DIGEST_LABEL.to_string(), d.to_string());
+    assert!(matches!(
+        TocCheck::from_labels(&labels, true),
+        Ok(TocCheck::Digest(x)) if x == d
+    ));
+    labels.insert(TOC_DIGEST_LABEL.to_string(), "sha256:nope".to_string());
+    assert!(TocCheck::from_labels(&labels, true).is_err());
+    labels.insert(PREFETCH_LABEL.to_string(), "12345".to_string());
+    let c = LayerContext::new(cfg(), Caches::memory_only(1)).with_labels(&labels);
+    assert_eq!(c.prefetch_label, Some(12345));
+}

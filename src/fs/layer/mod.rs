@@ -70,7 +70,41 @@ pub enum TocCheck {
     Skip { reason: String },
 }
 
+/// Label with the TOC digest (containerd copies the layer annotation of the
+/// same name).
+pub const TOC_DIGEST_LABEL: &str = crate::fs::registry::TOC_DIGEST_ANNOTATION;
+/// Label asking to mount a layer without TOC verification (legacy stargz).
+pub const SKIP_VERIFY_LABEL: &str = "containerd.io/snapshot/remote/stargz.skipverify";
+/// Label with a prefetch size in bytes for blobs without landmarks.
+pub const PREFETCH_LABEL: &str = "containerd.io/snapshot/remote/stargz.prefetch";
+
 impl TocCheck {
+    /// The check a `Prepare`'s labels ask for (upstream `fs/fs.go` Mount):
+    /// the TOC digest label if present; else, with the skipverify label and
+    /// `allow_no_verification`, no check; else an error saying why, which
+    /// the snapshotter logs before falling back to a normal pull.
+    pub fn from_labels(
+        labels: &std::collections::HashMap<String, String>,
+        allow_no_verification: bool,
+    ) -> Result<TocCheck, String> {
+        if let Some(v) = labels.get(TOC_DIGEST_LABEL) {
+            return Digest::parse(v)
+                .map(TocCheck::Digest)
+                .map_err(|e| format!("label {TOC_DIGEST_LABEL}: {e}"));
+        }
+        if labels.contains_key(SKIP_VERIFY_LABEL) {
+            if allow_no_verification {
+                return Ok(TocCheck::skip_verify(format!("label {SKIP_VERIFY_LABEL}")));
+            }
+            return Err(format!(
+                "label {SKIP_VERIFY_LABEL} set but allow_no_verification is off"
+            ));
+        }
+        Err(format!(
+            "digest of TOC JSON must be passed ({TOC_DIGEST_LABEL})"
+        ))
+    }
+
     /// Opens without checking the TOC digest; logged with `reason`.
     pub fn skip_verify(reason: impl Into<String>) -> Self {
         let reason = reason.into();
@@ -120,6 +154,14 @@ impl LayerContext {
             reader: ReaderOptions::default(),
             prefetch_label: None,
         }
+    }
+
+    /// Takes the prefetch size from a `Prepare`'s labels, if set and valid.
+    pub fn with_labels(mut self, labels: &std::collections::HashMap<String, String>) -> Self {
+        self.prefetch_label = labels
+            .get(PREFETCH_LABEL)
+            .and_then(|v| v.trim().parse().ok());
+        self
     }
 }
 
