@@ -12,9 +12,16 @@
 //!   readers of it wait on the flight instead of fetching again. A job
 //!   merges adjacent chunks into one range, decodes and verifies on the
 //!   blocking pool, caches, then answers the flights.
-//! - `background`: prefetch of the prioritized files at open, then a
-//!   background fetch of the rest that yields to on-demand reads.
+//! - `background`: chunks inside the open-time tail read decoded from it,
+//!   prefetch of the prioritized files, then a background fetch of the rest
+//!   that yields to on-demand reads.
 //! - [`config`]: [`LayerConfig`]; [`stats`]: [`LayerStats`].
+//! - [`TocCheck::from_labels`], [`LayerContext::with_labels`]: the
+//!   `Prepare` labels that choose verification and prefetch size.
+//!
+//! Behaviour, measurements and the config sample: `docs/layer.md`. The
+//! in-process tests are `tests/layer.rs` (fake fetcher), the real-registry
+//! one `tests/layer_registry.rs`.
 //!
 //! # Tasks and ownership
 //! All work runs on the caller's tokio runtime. Decompression and disk I/O
@@ -30,8 +37,6 @@ mod background;
 pub mod config;
 mod fetch;
 pub mod stats;
-#[cfg(test)]
-mod tests;
 
 use std::ops::Range;
 use std::sync::Arc;
