@@ -28,7 +28,7 @@ use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::estargz::digest::Digest;
 
@@ -42,7 +42,14 @@ pub struct DiskCacheStats {
     /// Entries whose content did not match their digest (deleted).
     pub corrupt: AtomicU64,
     pub evictions: AtomicU64,
+    /// Writes not attempted because an earlier one hit a full, read-only or
+    /// forbidden disk less than [`WRITE_PAUSE`] ago.
+    pub writes_skipped: AtomicU64,
 }
+
+/// How long writes pause after ENOSPC, EROFS or EACCES, so that a full
+/// disk is not hit with a doomed temp file per chunk.
+pub const WRITE_PAUSE: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy)]
 struct Entry {
@@ -116,6 +123,9 @@ pub struct DiskCache {
     capacity: u64,
     lru: Mutex<Lru>,
     seq: AtomicU64,
+    opened: Instant,
+    /// Milliseconds since `opened` until which writes are skipped.
+    paused_until_ms: AtomicU64,
     pub stats: DiskCacheStats,
 }
 
@@ -164,6 +174,8 @@ impl DiskCache {
             capacity,
             lru: Mutex::new(Lru::default()),
             seq: AtomicU64::new(0),
+            opened: Instant::now(),
+            paused_until_ms: AtomicU64::new(0),
             stats: DiskCacheStats::default(),
         };
         let evicted = lru.evict_to(capacity);
@@ -258,12 +270,21 @@ impl DiskCache {
         }
     }
 
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
     /// Stores verified content under its digest, evicting least recently
     /// used entries beyond the capacity. Content larger than the capacity is
-    /// not stored. Errors leave no entry behind.
+    /// not stored. Errors leave no entry behind; after a full, read-only or
+    /// forbidden disk, writes are skipped for [`WRITE_PAUSE`].
     pub fn put(&self, d: &Digest, data: &[u8]) -> io::Result<()> {
         let size = data.len() as u64;
         if size > self.capacity {
+            return Ok(());
+        }
+        if self.now_ms() < self.paused_until_ms.load(Ordering::Relaxed) {
+            self.stats.writes_skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
         {
@@ -288,6 +309,16 @@ impl DiskCache {
         if let Err(e) = res {
             let _ = fs::remove_file(&tmp);
             self.stats.write_errors.fetch_add(1, Ordering::Relaxed);
+            if matches!(
+                e.kind(),
+                io::ErrorKind::StorageFull
+                    | io::ErrorKind::ReadOnlyFilesystem
+                    | io::ErrorKind::PermissionDenied
+                    | io::ErrorKind::QuotaExceeded
+            ) {
+                let until = self.now_ms().saturating_add(WRITE_PAUSE.as_millis() as u64);
+                self.paused_until_ms.store(until, Ordering::Relaxed);
+            }
             return Err(e);
         }
         self.stats.writes.fetch_add(1, Ordering::Relaxed);
