@@ -349,6 +349,10 @@ async fn disk_cache_bound_and_lru_through_a_layer() {
     }
     assert!(disk.used() <= 300 << 10, "used {}", disk.used());
     assert_eq!(disk.len(), 4);
+    let st = caches.status();
+    assert_eq!(st.disk_entries, 4);
+    assert_eq!(st.disk_evictions, 12);
+    assert_eq!(st.disk_bytes, 4 * (64 << 10));
     // The newest four chunks survive, oldest first.
     let want: Vec<Digest> = layer
         .index()
