@@ -25,8 +25,8 @@
 //!
 //! # Tasks and ownership
 //! All work runs on the caller's tokio runtime. Decompression and disk I/O
-//! run on `spawn_blocking`, bounded per layer by a semaphore of the CPU
-//! count. On-demand range requests are bounded by `fetch_concurrency`,
+//! run on `spawn_blocking`; decoding is bounded by a semaphore of the CPU
+//! count shared by all layers opened from clones of one [`LayerContext`]. On-demand range requests are bounded by `fetch_concurrency`,
 //! background ones by `background_concurrency`. The prefetch and background
 //! tasks hold the layer's shared state, not the [`Layer`] itself; dropping
 //! the [`Layer`] (or [`Layer::close`]) cancels them. Fetch jobs started by
@@ -139,7 +139,9 @@ pub enum OpenError {
     Config(String),
 }
 
-/// What a layer needs besides its fetcher. Cheap to clone.
+/// What a layer needs besides its fetcher. Cheap to clone: the daemon keeps
+/// one and clones it per layer, so that caches and the decode bound are
+/// shared.
 #[derive(Clone)]
 pub struct LayerContext {
     pub config: LayerConfig,
@@ -149,6 +151,9 @@ pub struct LayerContext {
     /// label; used instead of `prefetch_unspecified_bytes` for blobs
     /// without landmarks.
     pub prefetch_label: Option<u64>,
+    /// Bounds concurrent decoding (blocking threads) over every layer
+    /// opened with this context or its clones: one permit per CPU.
+    pub decode_permits: Arc<Semaphore>,
 }
 
 impl LayerContext {
@@ -158,6 +163,9 @@ impl LayerContext {
             caches,
             reader: ReaderOptions::default(),
             prefetch_label: None,
+            decode_permits: Arc::new(Semaphore::new(
+                std::thread::available_parallelism().map_or(2, |n| n.get()),
+            )),
         }
     }
 
@@ -284,7 +292,6 @@ pub async fn open_layer<F: RangeFetcher + 'static>(
     };
     let mut order: Vec<ChunkRef> = index.all_chunks().map(clamp_span).collect();
     order.sort_by_key(key_of);
-    let cpus = std::thread::available_parallelism().map_or(2, |n| n.get());
     let cancel = CancellationToken::new();
     let (prefetch, _) = watch::channel(PrefetchState::None);
     let cfg = ctx.config;
@@ -295,7 +302,7 @@ pub async fn open_layer<F: RangeFetcher + 'static>(
         blob_size: size,
         fetch_permits: Semaphore::new(cfg.fetch_concurrency),
         background_permits: Arc::new(Semaphore::new(cfg.background_concurrency.max(1))),
-        decode_permits: Arc::new(Semaphore::new(cpus)),
+        decode_permits: ctx.decode_permits,
         cfg,
         caches: ctx.caches,
         prefetch_label: ctx.prefetch_label,
