@@ -1004,3 +1004,48 @@ fn toc_check_from_labels() {
     let c = LayerContext::new(cfg(), Caches::memory_only(1)).with_labels(&labels);
     assert_eq!(c.prefetch_label, Some(12345));
 }
+
+#[tokio::test]
+async fn prefetch_after_a_restart_comes_from_the_disk_cache() {
+    let (blob, _) = prioritized_blob();
+    let fake = Fake::new(blob);
+    let d = toc_digest(&fake.0.blob);
+    let dir = tempfile::tempdir().unwrap();
+    let c = LayerConfig {
+        prefetch: true,
+        ..cfg()
+    };
+    {
+        let layer = open_layer(
+            fake.clone(),
+            TocCheck::Digest(d),
+            ctx(c.clone(), disk_caches(dir.path(), 64 << 20)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            layer.wait_prefetch(Duration::from_secs(10)).await,
+            PrefetchState::Done
+        );
+        let distinct: std::collections::HashSet<_> = ["hot1", "hot2"]
+            .iter()
+            .flat_map(|n| layer.index().chunks_of(layer.index().lookup(n).unwrap()))
+            .map(|c| c.chunk_digest.unwrap())
+            .collect();
+        wait_for_disk(dir.path(), distinct.len()).await;
+    }
+    fake.reset();
+    let layer = open_layer(
+        fake.clone(),
+        TocCheck::Digest(d),
+        ctx(c, disk_caches(dir.path(), 64 << 20)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        layer.wait_prefetch(Duration::from_secs(10)).await,
+        PrefetchState::Done
+    );
+    assert_eq!(fake.count(), 2, "footer and TOC only: {:?}", fake.calls());
+    assert!(layer.stats().chunks_from_disk > 0);
+}

@@ -382,6 +382,11 @@ impl<F: RangeFetcher + 'static> Layer<F> {
         }
     }
 
+    /// Where prefetch stands now, without waiting.
+    pub fn prefetch_state(&self) -> PrefetchState {
+        self.inner.prefetch.borrow().clone()
+    }
+
     /// [`Layer::wait_prefetch`] with the configured `prefetch_timeout_ms`.
     pub async fn wait_prefetch_default(&self) -> PrefetchState {
         self.wait_prefetch(self.inner.cfg.prefetch_timeout()).await
