@@ -1,4 +1,16 @@
 //! The remote filesystem: FUSE mounts of eStargz layers, registry range
-//! reads, and the chunk caches. (Lazy pulling lands here; see ARCHITECTURE.md.)
+//! reads, and the chunk caches. See ARCHITECTURE.md for the thread model.
+//!
+//! - [`content`]: the [`ContentSource`] seam the FUSE filesystem reads from.
+//! - [`layer`]: one opened blob: TOC check, single-flight verified chunk
+//!   fetches, prefetch, background fetch, read-ahead, stats
+//!   (docs/layer.md).
+//! - [`cache`]: memory and disk chunk caches shared by all layers.
+//! - [`registry`]: the registry client ([`registry::RangeFetcher`]).
 
+pub mod cache;
+pub mod content;
+pub mod layer;
 pub mod registry;
+
+pub use content::{ContentSource, ReadError, ReadFuture};
