@@ -2,5 +2,6 @@
 //! reads, and the chunk caches. See ARCHITECTURE.md for the thread model.
 
 pub mod content;
+pub mod fuse;
 
 pub use content::{ContentSource, ReadError, ReadFuture};
