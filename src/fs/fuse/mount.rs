@@ -9,7 +9,9 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
 use nix::errno::Errno;
@@ -19,6 +21,11 @@ use super::LayerFs;
 
 /// Most FUSE worker threads a mount may have.
 const MAX_THREADS: usize = 16;
+/// How long a clean unmount waits for the session to end. It does not end
+/// while another mount still holds the filesystem: overlayfs keeps private
+/// clones of its lower mounts, so umount(2) of ours succeeds but the
+/// filesystem lives on until the overlay goes.
+const SESSION_END_WAIT: Duration = Duration::from_secs(1);
 
 /// How a layer is mounted.
 #[derive(Debug, Clone)]
@@ -61,6 +68,8 @@ pub struct MountHandle {
     mountpoint: PathBuf,
     unmounter: Option<SessionUnmounter>,
     session: Option<JoinHandle<io::Result<()>>>,
+    /// Signalled when the session thread ends.
+    ended: Receiver<()>,
 }
 
 /// Mounts `fs` read-only at `mountpoint`. Blocks for mount(2) and the FUSE
@@ -90,9 +99,14 @@ pub fn mount(
 
     let mut session = Session::new(fs, &mountpoint, &config)?;
     let unmounter = session.unmount_callable();
+    let (end_tx, ended) = sync_channel(1);
     let session = std::thread::Builder::new()
         .name("rstargz-fuse".into())
-        .spawn(move || session.run());
+        .spawn(move || {
+            let r = session.run();
+            let _ = end_tx.send(());
+            r
+        });
     let session = match session {
         Ok(s) => s,
         Err(e) => {
@@ -105,6 +119,7 @@ pub fn mount(
         mountpoint,
         unmounter: Some(unmounter),
         session: Some(session),
+        ended,
     })
 }
 
@@ -113,8 +128,9 @@ impl MountHandle {
         &self.mountpoint
     }
 
-    /// Unmounts; if busy, detaches lazily. A clean unmount waits for the
-    /// FUSE threads to finish.
+    /// Unmounts; if busy, detaches lazily. `Clean` means the FUSE threads
+    /// have finished; `Lazy` that they serve remaining users (open files, an
+    /// overlayfs stacked on top) and end with the last of them.
     pub fn unmount(mut self) -> io::Result<Unmounted> {
         self.do_unmount()
     }
@@ -124,7 +140,23 @@ impl MountHandle {
             return Ok(Unmounted::NotMounted);
         };
         match unmounter.unmount() {
-            Ok(()) => {
+            Ok(()) => self.await_session_end(),
+            // Already unmounted from outside (e.g. by [`unmount`]).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.await_session_end(),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                umount2(&self.mountpoint, MntFlags::MNT_DETACH)?;
+                // The session thread ends on its own once the last user is gone.
+                self.session = None;
+                tracing::info!(mountpoint = %self.mountpoint.display(), "layer busy, detached");
+                Ok(Unmounted::Lazy)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn await_session_end(&mut self) -> io::Result<Unmounted> {
+        match self.ended.recv_timeout(SESSION_END_WAIT) {
+            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
                 if let Some(s) = self.session.take() {
                     match s.join() {
                         Ok(r) => r?,
@@ -134,14 +166,14 @@ impl MountHandle {
                 tracing::info!(mountpoint = %self.mountpoint.display(), "layer unmounted");
                 Ok(Unmounted::Clean)
             }
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                umount2(&self.mountpoint, MntFlags::MNT_DETACH)?;
-                // The session thread ends on its own once the last user is gone.
+            Err(RecvTimeoutError::Timeout) => {
                 self.session = None;
-                tracing::info!(mountpoint = %self.mountpoint.display(), "layer busy, detached");
+                tracing::info!(
+                    mountpoint = %self.mountpoint.display(),
+                    "layer unmounted, still in use by another mount"
+                );
                 Ok(Unmounted::Lazy)
             }
-            Err(e) => Err(e),
         }
     }
 }
