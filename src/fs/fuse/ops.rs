@@ -74,8 +74,11 @@ impl LayerFs {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Stacking depth 1 lets overlayfs use this mount as a lower dir; the
-        // kernel only reads the depth when passthrough is negotiated.
+        // Stacking depth: overlayfs on top adds one, and the kernel allows 2
+        // in all, so ours must stay <= 1 (2 fails "maximum fs stacking depth
+        // exceeded"). 1 rather than 0 so that passthrough reads from
+        // cache files on a plain fs stay possible. The kernel reads the depth
+        // only when passthrough is negotiated.
         match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
             Ok(()) => {
                 if let Err(max) = config.set_max_stack_depth(1) {

@@ -137,3 +137,83 @@ impl Whiteouts {
         self.sources.len()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::estargz::reader::ReaderOptions;
+    use crate::estargz::toc::{EntryType, JsonEntry, JsonToc};
+
+    fn index(names: &[&str]) -> Index {
+        let entries = names
+            .iter()
+            .map(|n| {
+                let kind = if n.ends_with('/') {
+                    EntryType::Dir
+                } else {
+                    EntryType::Reg
+                };
+                let mut e = JsonEntry::new(*n, kind);
+                e.mode = 0o755;
+                e
+            })
+            .collect();
+        let toc = JsonToc {
+            version: 1,
+            entries,
+        };
+        Index::build(&toc, 0, &ReaderOptions::default()).unwrap()
+    }
+
+    fn names(w: &Whiteouts, idx: &Index, dir: &str) -> Vec<(String, bool)> {
+        let l = w.listing(idx, idx.lookup(dir).unwrap());
+        (0..)
+            .map_while(|i| l.get(i))
+            .map(|(n, t)| (n.to_string(), matches!(t, Target::Whiteout(_))))
+            .collect()
+    }
+
+    #[test]
+    fn rewrites_only_directories_with_whiteouts() {
+        let idx = index(&[
+            "d/",
+            "d/.wh.b",
+            "d/a",
+            "d/.wh..wh..opq",
+            "d/.wh..wh.plnk",
+            "d/.wh.",
+            "plain/",
+            "plain/x",
+        ]);
+        let w = Whiteouts::build(&idx);
+        assert_eq!(
+            names(&w, &idx, "d"),
+            [("a".to_string(), false), ("b".to_string(), true)]
+        );
+        assert!(w.is_opaque(idx.lookup("d").unwrap()));
+        assert!(!w.is_opaque(idx.lookup("plain").unwrap()));
+        assert!(w.rewritten.get(&idx.lookup("plain").unwrap()).is_none());
+        assert_eq!(w.count(), 1);
+        let l = w.listing(&idx, idx.lookup("d").unwrap());
+        let Some(Target::Whiteout(k)) = l.find("b") else {
+            panic!("b is not a whiteout");
+        };
+        assert_eq!(w.source(k), idx.lookup("d/.wh.b"));
+        assert_eq!(l.find(".wh.b"), None);
+        assert_eq!(l.find(".wh..wh..opq"), None);
+    }
+
+    #[test]
+    fn real_entry_beats_its_whiteout() {
+        let idx = index(&["f", ".wh.f", "d/", ".wh.d", "d/x"]);
+        let w = Whiteouts::build(&idx);
+        assert_eq!(
+            names(&w, &idx, ""),
+            [("d".to_string(), false), ("f".to_string(), false)]
+        );
+        assert_eq!(w.count(), 0);
+        // The lower `d` was deleted: this layer's `d` must not merge with it.
+        assert!(w.is_opaque(idx.lookup("d").unwrap()));
+        assert!(!w.is_opaque(Index::ROOT));
+    }
+}
