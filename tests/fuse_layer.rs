@@ -357,12 +357,12 @@ fn verification_failure_is_eio() {
             Spec::File("good", b"good", 0, false),
         ],
         |toc| {
-            // Corrupt the digest of bad's second chunk only.
+            // Corrupt the digest of bad's second chunk (its first `chunk`
+            // entry) only.
             let c = toc
                 .entries
                 .iter_mut()
-                .filter(|e| e.kind == EntryType::Chunk)
-                .nth(0)
+                .find(|e| e.kind == EntryType::Chunk)
                 .unwrap();
             c.chunk_digest = Digest::of(b"something else").to_string();
         },

@@ -130,10 +130,8 @@ impl Layer {
 
 impl Drop for Layer {
     fn drop(&mut self) {
-        if let Some(h) = self.handle.take() {
-            if let Err(e) = h.unmount() {
-                eprintln!("unmount failed: {e}");
-            }
+        if let Some(Err(e)) = self.handle.take().map(MountHandle::unmount) {
+            eprintln!("unmount failed: {e}");
         }
     }
 }

@@ -192,7 +192,7 @@ mod tests {
         );
         assert!(w.is_opaque(idx.lookup("d").unwrap()));
         assert!(!w.is_opaque(idx.lookup("plain").unwrap()));
-        assert!(w.rewritten.get(&idx.lookup("plain").unwrap()).is_none());
+        assert!(!w.rewritten.contains_key(&idx.lookup("plain").unwrap()));
         assert_eq!(w.count(), 1);
         let l = w.listing(&idx, idx.lookup("d").unwrap());
         let Some(Target::Whiteout(k)) = l.find("b") else {
