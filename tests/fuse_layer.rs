@@ -386,7 +386,7 @@ fn verification_failure_is_eio() {
 #[test]
 fn slow_reads_do_not_block_fuse_threads() {
     const READERS: usize = 16;
-    const DELAY: Duration = Duration::from_millis(800);
+    const DELAY: Duration = Duration::from_millis(1500);
     let files: Vec<(String, Vec<u8>)> = (0..READERS)
         .map(|i| (format!("f{i:02}"), pattern(1000 + i, i as u8)))
         .collect();

@@ -9,7 +9,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, sync_channel};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -68,8 +68,8 @@ pub struct MountHandle {
     mountpoint: PathBuf,
     unmounter: Option<SessionUnmounter>,
     session: Option<JoinHandle<io::Result<()>>>,
-    /// Signalled when the session thread ends.
-    ended: Receiver<()>,
+    /// Set (and notified) when the session thread ends.
+    ended: Arc<(Mutex<bool>, Condvar)>,
 }
 
 /// Mounts `fs` read-only at `mountpoint`. Blocks for mount(2) and the FUSE
@@ -99,12 +99,15 @@ pub fn mount(
 
     let mut session = Session::new(fs, &mountpoint, &config)?;
     let unmounter = session.unmount_callable();
-    let (end_tx, ended) = sync_channel(1);
+    let ended = Arc::new((Mutex::new(false), Condvar::new()));
+    let end = ended.clone();
     let session = std::thread::Builder::new()
         .name("rstargz-fuse".into())
         .spawn(move || {
             let r = session.run();
-            let _ = end_tx.send(());
+            let (done, cv) = &*end;
+            *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cv.notify_all();
             r
         });
     let session = match session {
@@ -155,26 +158,38 @@ impl MountHandle {
     }
 
     fn await_session_end(&mut self) -> io::Result<Unmounted> {
-        match self.ended.recv_timeout(SESSION_END_WAIT) {
-            Ok(()) | Err(RecvTimeoutError::Disconnected) => {
-                if let Some(s) = self.session.take() {
-                    match s.join() {
-                        Ok(r) => r?,
-                        Err(_) => return Err(io::Error::other("FUSE session thread panicked")),
-                    }
-                }
-                tracing::info!(mountpoint = %self.mountpoint.display(), "layer unmounted");
-                Ok(Unmounted::Clean)
-            }
-            Err(RecvTimeoutError::Timeout) => {
-                self.session = None;
-                tracing::info!(
-                    mountpoint = %self.mountpoint.display(),
-                    "layer unmounted, still in use by another mount"
-                );
-                Ok(Unmounted::Lazy)
+        let (done, cv) = &*self.ended;
+        let guard = done.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, SESSION_END_WAIT, |ended| !*ended)
+            .unwrap_or_else(|p| p.into_inner());
+        let ended = *guard;
+        drop(guard);
+        if !ended {
+            self.session = None;
+            tracing::info!(
+                mountpoint = %self.mountpoint.display(),
+                "layer unmounted, still in use by another mount"
+            );
+            return Ok(Unmounted::Lazy);
+        }
+        if let Some(s) = self.session.take() {
+            match s.join() {
+                Ok(r) => r?,
+                Err(_) => return Err(io::Error::other("FUSE session thread panicked")),
             }
         }
+        tracing::info!(mountpoint = %self.mountpoint.display(), "layer unmounted");
+        Ok(Unmounted::Clean)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handle_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::MountHandle>();
     }
 }
 

@@ -89,6 +89,11 @@ impl Filesystem for LayerFs {
                 "kernel lacks FUSE passthrough: overlayfs may refuse to stack on this mount"
             ),
         }
+        // Let as many readahead requests reach us as reads may be in flight.
+        let background = u16::try_from(self.opts.max_inflight_reads.clamp(16, 1024)).unwrap_or(16);
+        if let Err(v) = config.set_max_background(background) {
+            tracing::debug!(v, "kernel refused max_background");
+        }
         for flag in WANTED {
             if config.add_capabilities(flag).is_err() {
                 tracing::debug!(?flag, "FUSE capability not offered by the kernel");
