@@ -184,15 +184,6 @@ impl MountHandle {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn handle_is_send_and_sync() {
-        fn check<T: Send + Sync>() {}
-        check::<super::MountHandle>();
-    }
-}
-
 impl Drop for MountHandle {
     fn drop(&mut self) {
         if let Err(e) = self.do_unmount() {
@@ -214,5 +205,14 @@ pub fn unmount(path: impl AsRef<Path>) -> io::Result<Unmounted> {
         }
         Err(Errno::EINVAL) => Ok(Unmounted::NotMounted),
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handle_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::MountHandle>();
     }
 }
