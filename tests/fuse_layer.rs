@@ -381,6 +381,7 @@ fn verification_failure_is_eio() {
     let e = fs::read(l.p("bad")).unwrap_err();
     assert_eq!(errno(&e), libc::EIO);
     assert_eq!(fs::read(l.p("good")).unwrap(), b"good");
+    assert!(l.stats.errors.load(Ordering::Relaxed) >= 2);
 }
 
 #[test]
@@ -448,6 +449,8 @@ fn reads_in_flight_are_bounded() {
         }
     });
     assert_eq!(l.source.max_inflight.load(Ordering::SeqCst), 2);
+    assert!(l.stats.waited.load(Ordering::Relaxed) > 0);
+    assert_eq!(l.stats.errors.load(Ordering::Relaxed), 0);
     assert!(l.source.reads.load(Ordering::SeqCst) >= files.len());
 }
 
@@ -472,6 +475,7 @@ fn keep_cache_serves_warm_reads_from_page_cache() {
         cold,
         "warm reads hit the source"
     );
+    assert_eq!(l.stats.bytes.load(Ordering::Relaxed), 50_000);
 }
 
 #[test]

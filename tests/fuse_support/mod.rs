@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use rstargz::estargz::reader::{BlobReader, Index, NodeId, ReaderOptions, decode_chunk};
-use rstargz::fs::fuse::{LayerFs, LayerFsOptions, MountHandle, MountOptions, mount};
+use rstargz::fs::fuse::{LayerFs, LayerFsOptions, MountHandle, MountOptions, ReadStats, mount};
 use rstargz::fs::{ContentSource, ReadError, ReadFuture};
 
 /// Serves file content by decoding (and verifying) chunks of a blob held
@@ -84,6 +84,7 @@ pub fn index_of(blob: &[u8]) -> Arc<Index> {
 pub struct Layer {
     pub handle: Option<MountHandle>,
     pub source: Arc<MemSource>,
+    pub stats: Arc<ReadStats>,
     pub rt: tokio::runtime::Runtime,
     pub dir: tempfile::TempDir,
 }
@@ -110,10 +111,12 @@ impl Layer {
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
         let fs = LayerFs::new(index, source.clone(), rt.handle().clone(), fs_opts);
+        let stats = fs.stats();
         let handle = mount(&mnt, fs, opts).expect("mount layer");
         Layer {
             handle: Some(handle),
             source,
+            stats,
             rt,
             dir,
         }

@@ -25,6 +25,7 @@ use fuser::{FileAttr, INodeNo};
 use tokio::sync::Semaphore;
 
 pub use mount::{MountHandle, MountOptions, Unmounted, mount, unmount};
+pub use read::ReadStats;
 
 use crate::estargz::reader::{Index, Node, NodeId, NodeKind};
 use crate::fs::content::ContentSource;
@@ -86,6 +87,7 @@ pub struct LayerFs {
     rt: tokio::runtime::Handle,
     whiteouts: Whiteouts,
     reads: Arc<Semaphore>,
+    stats: Arc<ReadStats>,
     opts: LayerFsOptions,
     /// Sum of regular file sizes, for `statfs`.
     total_bytes: u64,
@@ -115,6 +117,7 @@ impl LayerFs {
             .fold(0u64, u64::saturating_add);
         LayerFs {
             reads: Arc::new(Semaphore::new(opts.max_inflight_reads.max(1))),
+            stats: Arc::default(),
             index,
             content,
             rt,
@@ -126,6 +129,11 @@ impl LayerFs {
 
     pub fn index(&self) -> &Arc<Index> {
         &self.index
+    }
+
+    /// The layer's read counters; they stay readable after mounting.
+    pub fn stats(&self) -> Arc<ReadStats> {
+        self.stats.clone()
     }
 
     /// Number of whiteouts presented as character devices.
