@@ -508,3 +508,47 @@ fn busy_unmount_is_lazy_and_stale_paths_unmount() {
     let h = l2.handle.take().unwrap();
     assert_eq!(h.unmount().unwrap(), Unmounted::Clean);
 }
+
+#[test]
+fn large_directory_lists_every_entry() {
+    let names: Vec<String> = (0..3000)
+        .map(|i| format!("big/entry-with-a-longish-name-{i:05}"))
+        .collect();
+    let mut specs = vec![Spec::Dir("big/")];
+    specs.extend(names.iter().map(|n| Spec::File(n, b"", 0, false)));
+    let l = Layer::mount(build(&specs), NO_DELAY, LayerFsOptions::default());
+    let listed = readdir_all(&l.p("big"));
+    assert_eq!(listed.len(), names.len() + 2);
+    assert_eq!(&listed[..2], [".", ".."]);
+    for (got, want) in listed[2..].iter().zip(&names) {
+        assert_eq!(Some(got.as_str()), want.strip_prefix("big/"));
+    }
+    // Listed names resolve, with distinct inodes.
+    let a = fs::metadata(l.p(&names[0])).unwrap().ino();
+    let b = fs::metadata(l.p(&names[2999])).unwrap().ino();
+    assert_ne!(a, b);
+}
+
+#[test]
+fn aborted_connection_is_stale_until_unmounted() {
+    let l = Layer::mount(
+        build(&[Spec::File("f", b"x", 0, false)]),
+        NO_DELAY,
+        LayerFsOptions::default(),
+    );
+    // What a crashed daemon leaves: the connection is gone, the mount not.
+    let ctl = FuseCtl::mount();
+    let dev = fs::metadata(l.path()).unwrap().dev();
+    let abort = ctl
+        .dir
+        .path()
+        .join(libc::minor(dev).to_string())
+        .join("abort");
+    fs::write(abort, b"1").unwrap();
+    let e = fs::metadata(l.p("f")).unwrap_err();
+    assert_eq!(errno(&e), libc::ENOTCONN);
+    assert_eq!(unmount(l.path()).unwrap(), Unmounted::Clean);
+    assert!(fs::metadata(l.path()).unwrap().is_dir());
+    assert!(!l.p("f").exists());
+    // The guard's own unmount then finds nothing to do.
+}

@@ -187,6 +187,33 @@ impl Drop for Overlay {
     }
 }
 
+/// The FUSE control filesystem (`fusectl`), mounted privately so a test
+/// can abort a connection; detached when dropped.
+pub struct FuseCtl {
+    pub dir: tempfile::TempDir,
+}
+
+impl FuseCtl {
+    pub fn mount() -> FuseCtl {
+        let dir = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("fusectl"),
+            dir.path(),
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .expect("mount fusectl");
+        FuseCtl { dir }
+    }
+}
+
+impl Drop for FuseCtl {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 fn cpath(p: &Path) -> CString {
     CString::new(p.as_os_str().as_bytes()).unwrap()
 }
