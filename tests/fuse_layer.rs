@@ -552,3 +552,28 @@ fn aborted_connection_is_stale_until_unmounted() {
     assert!(!l.p("f").exists());
     // The guard's own unmount then finds nothing to do.
 }
+
+#[test]
+fn executables_run_from_the_layer_and_through_overlayfs() {
+    // exec maps the file: this goes through mmap and the page cache.
+    let tool = fs::read("/bin/true").unwrap();
+    let blob = build_with(
+        &[
+            Spec::Dir("bin/"),
+            Spec::File("bin/true", &tool, 64 << 10, false),
+        ],
+        |toc| entry(toc, "bin/true").mode = 0o755,
+    );
+    let l = Layer::mount(blob, NO_DELAY, LayerFsOptions::default());
+    let ok = std::process::Command::new(l.p("bin/true"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let ov = Overlay::mount(&[l.path()]);
+    let ok = std::process::Command::new(ov.merged("bin/true"))
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    assert_eq!(fs::read(ov.merged("bin/true")).unwrap(), tool);
+    drop(ov);
+}
