@@ -109,14 +109,10 @@ pub fn mount(
             *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
             cv.notify_all();
             r
-        });
-    let session = match session {
-        Ok(s) => s,
-        Err(e) => {
-            // The session was moved into the closure and dropped: unmounted.
-            return Err(e);
-        }
-    };
+        })
+        // On error the closure, and with it the session, is dropped: that
+        // unmounts.
+        ?;
     tracing::info!(mountpoint = %mountpoint.display(), "layer mounted");
     Ok(MountHandle {
         mountpoint,
