@@ -33,10 +33,16 @@ const WANTED: [InitFlags; 4] = [
 
 impl LayerFs {
     fn open_flags(&self, dir: bool) -> FopenFlags {
+        // Nothing to flush on close of a read-only file: skip the round trip.
+        let base = if dir {
+            FopenFlags::empty()
+        } else {
+            FopenFlags::FOPEN_NOFLUSH
+        };
         match (self.opts.keep_cache, dir) {
-            (false, _) => FopenFlags::empty(),
-            (true, false) => FopenFlags::FOPEN_KEEP_CACHE,
-            (true, true) => FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            (false, _) => base,
+            (true, false) => base | FopenFlags::FOPEN_KEEP_CACHE,
+            (true, true) => base | FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
         }
     }
 
