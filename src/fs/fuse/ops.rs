@@ -133,6 +133,9 @@ impl Filesystem for LayerFs {
         }
     }
 
+    /// Write opens get `EROFS`, as the read-only mount flag already gives
+    /// them in the VFS; overlayfs never opens a lower file for writing (it
+    /// copies up into the upper dir first).
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let writes = flags.acc_mode() != OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0;
         match self.resolve(ino) {
