@@ -1,6 +1,7 @@
 //! The remote filesystem: FUSE mounts of eStargz layers, registry range
 //! reads, and the chunk caches. See ARCHITECTURE.md for the thread model.
 //!
+//! - [`fuse`]: the read-only FUSE filesystem of one layer (fuser).
 //! - [`content`]: the [`ContentSource`] seam the FUSE filesystem reads from.
 //! - [`layer`]: one opened blob: TOC check, single-flight verified chunk
 //!   fetches, prefetch, background fetch, read-ahead, stats
@@ -10,6 +11,7 @@
 
 pub mod cache;
 pub mod content;
+pub mod fuse;
 pub mod layer;
 pub mod registry;
 

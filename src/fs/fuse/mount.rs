@@ -1,0 +1,214 @@
+//! Mounting a [`LayerFs`] and taking it down again.
+//!
+//! `mount` calls mount(2) directly (we run as root; no libfuse, no
+//! fusermount) and completes the FUSE handshake before returning, so the
+//! mount is usable as soon as it returns. Unmounting tries a plain
+//! umount(2) first; if the mount is busy (a container has files open, or
+//! overlayfs holds it as a lower dir) it is detached lazily instead and the
+//! FUSE threads keep serving until its last user goes away.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+use nix::errno::Errno;
+use nix::mount::{MntFlags, umount2};
+
+use super::LayerFs;
+
+/// Most FUSE worker threads a mount may have.
+const MAX_THREADS: usize = 16;
+/// How long a clean unmount waits for the session to end. It does not end
+/// while another mount still holds the filesystem: overlayfs keeps private
+/// clones of its lower mounts, so umount(2) of ours succeeds but the
+/// filesystem lives on until the overlay goes.
+const SESSION_END_WAIT: Duration = Duration::from_secs(1);
+
+/// How a layer is mounted.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Mount source shown in `/proc/mounts` (e.g. the layer digest).
+    pub fsname: String,
+    /// FUSE worker threads, each with its own `/dev/fuse` fd (clamped to
+    /// 1..=16). Metadata ops are answered on them; reads only start there.
+    pub threads: usize,
+    /// Let every user (containers' uids) through; permissions are then
+    /// checked by the kernel from the TOC's mode/uid/gid.
+    pub allow_other: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            fsname: "rstargz".into(),
+            threads: 4,
+            allow_other: true,
+        }
+    }
+}
+
+/// How an unmount went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unmounted {
+    /// Unmounted and the FUSE session ended.
+    Clean,
+    /// It was busy: detached (`MNT_DETACH`); the session ends when the last
+    /// user lets go.
+    Lazy,
+    /// Nothing was mounted there.
+    NotMounted,
+}
+
+/// A mounted layer. Dropping it unmounts (lazily if busy).
+#[derive(Debug)]
+pub struct MountHandle {
+    mountpoint: PathBuf,
+    unmounter: Option<SessionUnmounter>,
+    session: Option<JoinHandle<io::Result<()>>>,
+    /// Set (and notified) when the session thread ends.
+    ended: Arc<(Mutex<bool>, Condvar)>,
+}
+
+/// Mounts `fs` read-only at `mountpoint`. Blocks for mount(2) and the FUSE
+/// handshake; call it from a blocking thread, not a runtime worker.
+pub fn mount(
+    mountpoint: impl AsRef<Path>,
+    fs: LayerFs,
+    opts: &MountOptions,
+) -> io::Result<MountHandle> {
+    let mountpoint = mountpoint.as_ref().to_path_buf();
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(opts.fsname.clone()),
+        // Passed to the kernel as is, so the type reads `fuse.rstargz`.
+        MountOption::CUSTOM("subtype=rstargz".into()),
+        MountOption::RO,
+        MountOption::DefaultPermissions,
+        MountOption::NoAtime,
+    ];
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads.clamp(1, MAX_THREADS));
+    config.clone_fd = true;
+
+    let mut session = Session::new(fs, &mountpoint, &config)?;
+    let unmounter = session.unmount_callable();
+    let ended = Arc::new((Mutex::new(false), Condvar::new()));
+    let end = ended.clone();
+    let session = std::thread::Builder::new()
+        .name("rstargz-fuse".into())
+        .spawn(move || {
+            let r = session.run();
+            let (done, cv) = &*end;
+            *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            cv.notify_all();
+            r
+        })
+        // On error the closure, and with it the session, is dropped: that
+        // unmounts.
+        ?;
+    tracing::info!(mountpoint = %mountpoint.display(), "layer mounted");
+    Ok(MountHandle {
+        mountpoint,
+        unmounter: Some(unmounter),
+        session: Some(session),
+        ended,
+    })
+}
+
+impl MountHandle {
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Unmounts; if busy, detaches lazily. `Clean` means the FUSE threads
+    /// have finished; `Lazy` that they serve remaining users (open files, an
+    /// overlayfs stacked on top) and end with the last of them.
+    pub fn unmount(mut self) -> io::Result<Unmounted> {
+        self.do_unmount()
+    }
+
+    fn do_unmount(&mut self) -> io::Result<Unmounted> {
+        let Some(mut unmounter) = self.unmounter.take() else {
+            return Ok(Unmounted::NotMounted);
+        };
+        match unmounter.unmount() {
+            Ok(()) => self.await_session_end(),
+            // Already unmounted from outside (e.g. by [`unmount`]).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.await_session_end(),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                umount2(&self.mountpoint, MntFlags::MNT_DETACH)?;
+                // The session thread ends on its own once the last user is gone.
+                self.session = None;
+                tracing::info!(mountpoint = %self.mountpoint.display(), "layer busy, detached");
+                Ok(Unmounted::Lazy)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn await_session_end(&mut self) -> io::Result<Unmounted> {
+        let (done, cv) = &*self.ended;
+        let guard = done.lock().unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = cv
+            .wait_timeout_while(guard, SESSION_END_WAIT, |ended| !*ended)
+            .unwrap_or_else(|p| p.into_inner());
+        let ended = *guard;
+        drop(guard);
+        if !ended {
+            self.session = None;
+            tracing::info!(
+                mountpoint = %self.mountpoint.display(),
+                "layer unmounted, still in use by another mount"
+            );
+            return Ok(Unmounted::Lazy);
+        }
+        if let Some(s) = self.session.take() {
+            match s.join() {
+                Ok(r) => r?,
+                Err(_) => return Err(io::Error::other("FUSE session thread panicked")),
+            }
+        }
+        tracing::info!(mountpoint = %self.mountpoint.display(), "layer unmounted");
+        Ok(Unmounted::Clean)
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.do_unmount() {
+            tracing::warn!(mountpoint = %self.mountpoint.display(), error = %e, "unmount failed");
+        }
+    }
+}
+
+/// Unmounts whatever is mounted at `path` (a FUSE mount left behind by a
+/// crashed daemon, whose accesses fail with `ENOTCONN`), lazily if busy. The
+/// caller is responsible for `path` being one of ours.
+pub fn unmount(path: impl AsRef<Path>) -> io::Result<Unmounted> {
+    let path = path.as_ref();
+    match umount2(path, MntFlags::empty()) {
+        Ok(()) => Ok(Unmounted::Clean),
+        Err(Errno::EBUSY) => {
+            umount2(path, MntFlags::MNT_DETACH)?;
+            Ok(Unmounted::Lazy)
+        }
+        Err(Errno::EINVAL) => Ok(Unmounted::NotMounted),
+        Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn handle_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<super::MountHandle>();
+    }
+}
