@@ -1,0 +1,178 @@
+//! Backends the suites run against: each starts a private daemon in a
+//! temporary directory and hands back a connected client.
+//!
+//! - [`Daemon`]: a child process plus its directory; dropping it stops the
+//!   process, unmounts whatever is left under the directory and removes it.
+//! - [`containerd`]: containerd's own overlayfs snapshotter (the reference).
+//! - [`rstargz`]: our `rstargz-grpc`.
+
+pub mod containerd;
+pub mod rstargz;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::mount::{MntFlags, umount2};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use tonic::transport::Channel;
+
+/// A running daemon and the directory it owns.
+pub struct Daemon {
+    child: Child,
+    dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `command` with stdout and stderr sent to `<dir>/<name>.log`.
+    pub fn spawn(mut command: Command, dir: tempfile::TempDir, name: &str) -> Result<Self> {
+        let log = dir.path().join(format!("{name}.log"));
+        let out = File::create(&log)?;
+        command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = command
+            .spawn()
+            .with_context(|| format!("spawn {command:?}"))?;
+        Ok(Self { child, dir, log })
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The last lines the daemon printed, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Waits until the daemon accepts connections on `socket`.
+    pub async fn wait_for_socket(&mut self, socket: &Path) -> Result<Channel> {
+        let deadline = Instant::now() + STARTUP;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!(
+                    "daemon exited with {status} before serving:\n{}",
+                    self.log_tail()
+                );
+            }
+            if socket.exists() {
+                match crate::snapshotter::connect_unix(socket).await {
+                    Ok(channel) => return Ok(channel),
+                    Err(err) if Instant::now() > deadline => return Err(err),
+                    Err(_) => {}
+                }
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no socket at {} after {STARTUP:?}:\n{}",
+                    socket.display(),
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// How long a daemon may take to serve.
+pub const STARTUP: Duration = Duration::from_secs(20);
+
+/// Retries `call` while the server answers Unavailable: it may listen
+/// before its services are registered.
+pub async fn retry_unavailable<T>(
+    mut call: impl AsyncFnMut() -> Result<T, tonic::Status>,
+) -> Result<T> {
+    let deadline = Instant::now() + STARTUP;
+    loop {
+        match call().await {
+            Err(status)
+                if status.code() == tonic::Code::Unavailable && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            result => return Ok(result?),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let pid = Pid::from_raw(self.child.id() as i32);
+        let _ = kill(pid, Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while matches!(self.child.try_wait(), Ok(None)) {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// Detaches every mount at or below `dir`, deepest first.
+pub fn unmount_under(dir: &Path) {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<PathBuf> = mountinfo
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+    for point in points {
+        let _ = umount2(&point, MntFlags::MNT_DETACH);
+    }
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && i + 3 < bytes.len()
+            && bytes[i + 1..i + 4]
+                .iter()
+                .all(|b| (b'0'..=b'7').contains(b))
+        {
+            let value =
+                (bytes[i + 1] - b'0') * 64 + (bytes[i + 2] - b'0') * 8 + (bytes[i + 3] - b'0');
+            out.push(value);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A name no other run on this machine uses at the same time.
+pub fn unique(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{}-{nanos:x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}

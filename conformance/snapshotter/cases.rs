@@ -1,0 +1,1131 @@
+//! The cases. Each is independent: it uses key names of its own, so it may
+//! share a backend with the others. Expected status codes are containerd
+//! 1.6's (metadata layer over overlayfs), established by running this suite
+//! against it; where a bare snapshotter would differ, the case says so.
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, bail, ensure};
+use rstargz::proto::snapshots::{Info, Kind};
+use rstargz::proto::types::Mount;
+use tonic::Code;
+
+use super::mounts::{has_flag, mount_all, option};
+use super::{Backend, Labels, expect_code, expect_code_in, labels};
+
+/// What containerd answers for an empty key or name (an unmapped internal
+/// error), and the code that would mean it.
+const EMPTY_NAME_CODES: &[Code] = &[Code::Unknown, Code::InvalidArgument];
+
+/// Calls `$callback!($args; case, ...)` with the name of every case, so that each runner
+/// can turn each case into a test of its own.
+#[macro_export]
+macro_rules! for_each_case {
+    ($callback:ident, $($args:tt)*) => {
+        $callback!(
+            $($args)*;
+            mounts_active_without_parent_is_rw_bind,
+            mounts_active_with_parents_is_overlay_nearest_first,
+            mounts_view_of_one_layer_is_ro_bind,
+            mounts_view_of_several_layers_is_lowerdir_only_overlay,
+            mounts_rpc_repeats_prepare_and_view,
+            mount_parent_files_visible_and_writes_committed,
+            mount_upper_layer_shadows_lower,
+            mount_whiteout_hides_parent_file,
+            mount_opaque_dir_hides_parent_contents,
+            mount_view_is_read_only,
+            stat_info_fields,
+            stat_commit_labels_replace_active_labels,
+            stat_missing_is_not_found,
+            mounts_missing_is_not_found,
+            update_changes_updated_at_only,
+            update_label_by_field_path,
+            update_labels_whole_map,
+            update_empty_mask_replaces_labels,
+            update_label_removed_by_empty_value,
+            update_invalid_field_path,
+            update_missing_is_not_found,
+            update_labels_too_large,
+            remove_parent_with_children_fails,
+            remove_active,
+            remove_view,
+            remove_committed_leaf_then_parent,
+            remove_missing_is_not_found,
+            key_reusable_after_commit_and_remove,
+            usage_grows_with_writes,
+            usage_of_committed_matches_active,
+            usage_missing_is_not_found,
+            list_all_and_kinds,
+            list_filter_name_and_parent,
+            list_filter_labels,
+            list_filters_or_and_comma_and,
+            prepare_empty_key,
+            prepare_duplicate_key,
+            prepare_missing_parent,
+            prepare_on_active_parent,
+            view_on_active_parent,
+            view_duplicate_key,
+            commit_of_view,
+            commit_missing_key,
+            commit_to_existing_name,
+            commit_name_equal_to_active_key,
+            commit_empty_name,
+            prepare_labels_too_large,
+            commit_labels_too_large,
+            cleanup_removes_dirs_of_removed_snapshots,
+        );
+    };
+}
+
+// ---------------------------------------------------------------- helpers
+
+fn no_labels() -> Labels {
+    Labels::new()
+}
+
+/// Prepares `key` on `parent`, writes `files` and removes `deletes`
+/// through a real mount, then commits it as `name`.
+async fn layer(
+    b: &Backend,
+    name: &str,
+    parent: &str,
+    files: &[(&str, &str)],
+    deletes: &[&str],
+) -> Result<()> {
+    let key = format!("{name}-active");
+    let mounts = b.prepare(&key, parent, no_labels()).await?;
+    {
+        let mounted = mount_all(&mounts, &b.scratch_dir(&key)?)?;
+        write_files(mounted.path(), files)?;
+        for path in deletes {
+            let path = mounted.path().join(path);
+            if path.is_dir() {
+                std::fs::remove_dir_all(&path)?;
+            } else {
+                std::fs::remove_file(&path).with_context(|| format!("rm {}", path.display()))?;
+            }
+        }
+    }
+    b.commit(name, &key, no_labels()).await?;
+    Ok(())
+}
+
+fn write_files(root: &Path, files: &[(&str, &str)]) -> Result<()> {
+    for (path, content) in files {
+        let path = root.join(path);
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&path, content).with_context(|| format!("write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Commits a chain `<p>-1 <- <p>-2 <- ... <- <p>-n`, each layer writing
+/// `layer` with its number and a file of its own.
+async fn chain(b: &Backend, prefix: &str, n: usize) -> Result<Vec<String>> {
+    let mut names = Vec::new();
+    for i in 1..=n {
+        let name = format!("{prefix}-{i}");
+        let parent: String = names.last().cloned().unwrap_or_default();
+        let own = format!("file{i}");
+        let content = format!("layer {i}");
+        layer(
+            b,
+            &name,
+            &parent,
+            &[("layer", &content), (&own, &content)],
+            &[],
+        )
+        .await?;
+        names.push(name);
+    }
+    Ok(names)
+}
+
+/// The one mount of a snapshot, asserting there is exactly one.
+fn single(mounts: &[Mount], what: &str) -> Mount {
+    assert_eq!(
+        mounts.len(),
+        1,
+        "{what}: expected one mount, got {mounts:?}"
+    );
+    mounts[0].clone()
+}
+
+/// The directories a read-only view of `name` stacks, nearest first: the
+/// source of a bind mount, or an overlay's lowerdirs.
+async fn layer_dirs(b: &Backend, name: &str) -> Result<Vec<PathBuf>> {
+    let key = format!("{name}-dirprobe");
+    let mounts = b.view(&key, name, no_labels()).await?;
+    let m = single(&mounts, "view");
+    b.remove(&key).await?;
+    Ok(match option(&m, "lowerdir") {
+        Some(lower) => lower.split(':').map(PathBuf::from).collect(),
+        None => vec![PathBuf::from(&m.source)],
+    })
+}
+
+/// Which layer of a [`chain`] a directory holds, by its `layer` file.
+fn layer_number(dir: impl AsRef<Path>) -> Result<String> {
+    read(&dir.as_ref().join("layer"))
+}
+
+/// The snapshot directory a mount list writes into or reads from.
+fn snapshot_dir_of(mounts: &[Mount]) -> Result<PathBuf> {
+    let m = mounts.first().context("no mounts")?;
+    let fs = match option(m, "upperdir") {
+        Some(upper) => PathBuf::from(upper),
+        None if m.r#type == "bind" || has_flag(m, "bind") || has_flag(m, "rbind") => {
+            PathBuf::from(&m.source)
+        }
+        None => bail!("cannot tell the snapshot dir of {m:?}"),
+    };
+    Ok(fs.parent().context("fs dir has no parent")?.to_path_buf())
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+}
+
+fn names<const N: usize>(names: [&str; N]) -> BTreeSet<String> {
+    names.into_iter().map(String::from).collect()
+}
+
+fn to_system_time(ts: &Option<prost_types::Timestamp>, what: &str) -> SystemTime {
+    let ts = ts.as_ref().unwrap_or_else(|| panic!("{what} is missing"));
+    assert!(ts.seconds > 0, "{what} is not set: {ts:?}");
+    SystemTime::UNIX_EPOCH + Duration::new(ts.seconds as u64, ts.nanos as u32)
+}
+
+fn assert_recent(ts: &Option<prost_types::Timestamp>, what: &str) {
+    let t = to_system_time(ts, what);
+    let now = SystemTime::now();
+    let skew = Duration::from_secs(60);
+    assert!(
+        t <= now + skew && t + skew >= now,
+        "{what} = {t:?} is not close to now ({now:?})"
+    );
+}
+
+fn kind(info: &Info) -> Kind {
+    Kind::try_from(info.kind).unwrap_or(Kind::Unknown)
+}
+
+// ----------------------------------------------------------- mount shapes
+
+pub async fn mounts_active_without_parent_is_rw_bind(b: &Backend) -> Result<()> {
+    let mounts = b.prepare("mnt-bind-rw", "", no_labels()).await?;
+    let m = single(&mounts, "active without parent");
+    assert_eq!(m.r#type, "bind", "{m:?}");
+    assert!(has_flag(&m, "rbind") || has_flag(&m, "bind"), "{m:?}");
+    assert!(has_flag(&m, "rw"), "active must be rw: {m:?}");
+    assert!(!has_flag(&m, "ro"), "active must not be ro: {m:?}");
+    ensure!(
+        Path::new(&m.source).is_dir(),
+        "source {} is not a dir",
+        m.source
+    );
+    if let Some(dir) = b.snapshots_dir() {
+        assert!(
+            Path::new(&m.source).starts_with(dir),
+            "{m:?} not under {dir:?}"
+        );
+    }
+    Ok(())
+}
+
+pub async fn mounts_active_with_parents_is_overlay_nearest_first(b: &Backend) -> Result<()> {
+    let layers = chain(b, "mnt-ovl", 3).await?;
+    for (parent, want) in [
+        (&layers[0], &["layer 1"][..]),
+        (&layers[2], &["layer 3", "layer 2", "layer 1"][..]),
+    ] {
+        let key = format!("{parent}-child");
+        let mounts = b.prepare(&key, parent, no_labels()).await?;
+        let m = single(&mounts, "active with parent");
+        assert_eq!(m.r#type, "overlay", "{m:?}");
+        assert!(!has_flag(&m, "ro"), "active must be writable: {m:?}");
+        let upper = option(&m, "upperdir").unwrap_or_else(|| panic!("no upperdir: {m:?}"));
+        let work = option(&m, "workdir").unwrap_or_else(|| panic!("no workdir: {m:?}"));
+        assert_ne!(upper, work);
+        ensure!(
+            std::fs::read_dir(upper)?.next().is_none(),
+            "upperdir of a new active is empty"
+        );
+        let lowerdir = option(&m, "lowerdir").unwrap_or_else(|| panic!("no lowerdir: {m:?}"));
+        let got = lowerdir
+            .split(':')
+            .map(layer_number)
+            .collect::<Result<Vec<_>>>()?;
+        assert_eq!(got, want, "lowerdir must list parents nearest first: {m:?}");
+    }
+    Ok(())
+}
+
+pub async fn mounts_view_of_one_layer_is_ro_bind(b: &Backend) -> Result<()> {
+    let layers = chain(b, "mnt-view1", 1).await?;
+    let mounts = b.view("mnt-view1-v", &layers[0], no_labels()).await?;
+    let m = single(&mounts, "view of one layer");
+    assert_eq!(m.r#type, "bind", "{m:?}");
+    assert!(has_flag(&m, "ro"), "view must be ro: {m:?}");
+    assert!(!has_flag(&m, "rw"), "view must not be rw: {m:?}");
+    assert_eq!(read(&Path::new(&m.source).join("file1"))?, "layer 1");
+    Ok(())
+}
+
+pub async fn mounts_view_of_several_layers_is_lowerdir_only_overlay(b: &Backend) -> Result<()> {
+    let layers = chain(b, "mnt-viewn", 3).await?;
+    let mounts = b.view("mnt-viewn-v", &layers[2], no_labels()).await?;
+    let m = single(&mounts, "view of several layers");
+    assert_eq!(m.r#type, "overlay", "{m:?}");
+    assert_eq!(
+        option(&m, "upperdir"),
+        None,
+        "a view has no upperdir: {m:?}"
+    );
+    assert_eq!(option(&m, "workdir"), None, "a view has no workdir: {m:?}");
+    let lowerdir = option(&m, "lowerdir").unwrap_or_else(|| panic!("no lowerdir: {m:?}"));
+    let got = lowerdir
+        .split(':')
+        .map(layer_number)
+        .collect::<Result<Vec<_>>>()?;
+    assert_eq!(
+        got,
+        ["layer 3", "layer 2", "layer 1"],
+        "nearest first: {m:?}"
+    );
+    Ok(())
+}
+
+pub async fn mounts_rpc_repeats_prepare_and_view(b: &Backend) -> Result<()> {
+    let layers = chain(b, "mnt-rpc", 2).await?;
+    for (key, parent) in [("mnt-rpc-a0", ""), ("mnt-rpc-a2", layers[1].as_str())] {
+        let prepared = b.prepare(key, parent, no_labels()).await?;
+        assert_eq!(b.mounts(key).await?, prepared, "Mounts({key})");
+    }
+    for (key, parent) in [("mnt-rpc-v1", &layers[0]), ("mnt-rpc-v2", &layers[1])] {
+        let viewed = b.view(key, parent, no_labels()).await?;
+        assert_eq!(b.mounts(key).await?, viewed, "Mounts({key})");
+    }
+    Ok(())
+}
+
+// --------------------------------------------------------- mount semantics
+
+pub async fn mount_parent_files_visible_and_writes_committed(b: &Backend) -> Result<()> {
+    let layers = chain(b, "sem-vis", 3).await?;
+    let mounts = b.prepare("sem-vis-top", &layers[2], no_labels()).await?;
+    {
+        let mounted = mount_all(&mounts, &b.scratch_dir("sem-vis-top")?)?;
+        for i in 1..=3 {
+            assert_eq!(
+                read(&mounted.path().join(format!("file{i}")))?,
+                format!("layer {i}")
+            );
+        }
+        write_files(mounted.path(), &[("new/file", "written in active")])?;
+    }
+    b.commit("sem-vis-4", "sem-vis-top", no_labels()).await?;
+    let mounts = b.view("sem-vis-view", "sem-vis-4", no_labels()).await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir("sem-vis-view")?)?;
+    assert_eq!(read(&mounted.path().join("new/file"))?, "written in active");
+    assert_eq!(read(&mounted.path().join("file1"))?, "layer 1");
+    Ok(())
+}
+
+pub async fn mount_upper_layer_shadows_lower(b: &Backend) -> Result<()> {
+    let layers = chain(b, "sem-shadow", 3).await?;
+    for (i, name) in layers.iter().enumerate() {
+        let key = format!("{name}-view");
+        let mounts = b.view(&key, name, no_labels()).await?;
+        let mounted = mount_all(&mounts, &b.scratch_dir(&key)?)?;
+        assert_eq!(
+            read(&mounted.path().join("layer"))?,
+            format!("layer {}", i + 1)
+        );
+        let visible = std::fs::read_dir(mounted.path())?.count();
+        assert_eq!(visible, i + 2, "layer + file1..file{}", i + 1);
+    }
+    Ok(())
+}
+
+pub async fn mount_whiteout_hides_parent_file(b: &Backend) -> Result<()> {
+    layer(
+        b,
+        "sem-wh-1",
+        "",
+        &[("keep", "k"), ("gone", "g"), ("d/x", "x")],
+        &[],
+    )
+    .await?;
+    layer(b, "sem-wh-2", "sem-wh-1", &[], &["gone", "d/x"]).await?;
+    layer(b, "sem-wh-3", "sem-wh-2", &[("added", "a")], &[]).await?;
+    // The deletion is recorded in the child layer as an overlay whiteout.
+    let dirs = layer_dirs(b, "sem-wh-3").await?;
+    ensure!(dirs.len() == 3, "three layers: {dirs:?}");
+    let whiteout = dirs[1].join("gone");
+    let meta = std::fs::symlink_metadata(&whiteout)
+        .with_context(|| format!("whiteout {}", whiteout.display()))?;
+    assert!(
+        meta.file_type().is_char_device(),
+        "whiteout is a char device"
+    );
+    let mounts = b.view("sem-wh-view", "sem-wh-3", no_labels()).await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir("sem-wh-view")?)?;
+    let root = mounted.path();
+    assert!(!root.join("gone").exists(), "deleted file still visible");
+    assert!(
+        !root.join("d/x").exists(),
+        "deleted file in dir still visible"
+    );
+    assert!(root.join("d").is_dir());
+    assert_eq!(read(&root.join("keep"))?, "k");
+    assert_eq!(read(&root.join("added"))?, "a");
+    Ok(())
+}
+
+pub async fn mount_opaque_dir_hides_parent_contents(b: &Backend) -> Result<()> {
+    layer(b, "sem-opq-1", "", &[("d/old", "o")], &[]).await?;
+    layer(b, "sem-opq-2", "sem-opq-1", &[], &["d"]).await?;
+    layer(b, "sem-opq-3", "sem-opq-2", &[("d/new", "n")], &[]).await?;
+    let mounts = b.view("sem-opq-view", "sem-opq-3", no_labels()).await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir("sem-opq-view")?)?;
+    let entries: BTreeSet<String> = std::fs::read_dir(mounted.path().join("d"))?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    assert_eq!(entries, names(["new"]));
+    Ok(())
+}
+
+pub async fn mount_view_is_read_only(b: &Backend) -> Result<()> {
+    let layers = chain(b, "sem-ro", 2).await?;
+    for (key, parent) in [("sem-ro-v1", &layers[0]), ("sem-ro-v2", &layers[1])] {
+        let mounts = b.view(key, parent, no_labels()).await?;
+        let mounted = mount_all(&mounts, &b.scratch_dir(key)?)?;
+        let err = std::fs::write(mounted.path().join("file1"), "overwrite")
+            .expect_err("writing into a view must fail");
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{key}: {err}");
+        assert_eq!(read(&mounted.path().join("file1"))?, "layer 1");
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------- stat
+
+pub async fn stat_info_fields(b: &Backend) -> Result<()> {
+    let l = labels([("conformance/a", "1")]);
+    b.prepare("stat-a", "", l.clone()).await?;
+    let info = b.stat("stat-a").await?;
+    assert_eq!(info.name, "stat-a");
+    assert_eq!(info.parent, "");
+    assert_eq!(kind(&info), Kind::Active);
+    assert_eq!(info.labels, l);
+    assert_recent(&info.created_at, "created_at");
+    assert_recent(&info.updated_at, "updated_at");
+
+    b.commit("stat-c", "stat-a", no_labels()).await?;
+    let info = b.stat("stat-c").await?;
+    assert_eq!((info.name.as_str(), info.parent.as_str()), ("stat-c", ""));
+    assert_eq!(kind(&info), Kind::Committed);
+    expect_code(
+        b.stat("stat-a").await,
+        Code::NotFound,
+        "active key after commit",
+    );
+
+    b.prepare("stat-a2", "stat-c", no_labels()).await?;
+    let info = b.stat("stat-a2").await?;
+    assert_eq!(
+        (info.parent.as_str(), kind(&info)),
+        ("stat-c", Kind::Active)
+    );
+    assert!(info.labels.is_empty(), "{:?}", info.labels);
+    b.commit("stat-c2", "stat-a2", no_labels()).await?;
+    b.view("stat-v", "stat-c2", no_labels()).await?;
+    let info = b.stat("stat-v").await?;
+    assert_eq!((info.parent.as_str(), kind(&info)), ("stat-c2", Kind::View));
+    let committed = b.stat("stat-c2").await?;
+    assert_eq!(
+        (committed.parent.as_str(), kind(&committed)),
+        ("stat-c", Kind::Committed)
+    );
+    Ok(())
+}
+
+/// Commit labels are the committed snapshot's labels; the active's are
+/// not carried over.
+pub async fn stat_commit_labels_replace_active_labels(b: &Backend) -> Result<()> {
+    b.prepare("stat-cl-a", "", labels([("from", "prepare")]))
+        .await?;
+    b.commit("stat-cl-c", "stat-cl-a", labels([("at", "commit")]))
+        .await?;
+    let info = b.stat("stat-cl-c").await?;
+    assert_eq!(info.labels, labels([("at", "commit")]));
+    Ok(())
+}
+
+pub async fn stat_missing_is_not_found(b: &Backend) -> Result<()> {
+    expect_code(
+        b.stat("stat-missing").await,
+        Code::NotFound,
+        "Stat(missing)",
+    );
+    Ok(())
+}
+
+pub async fn mounts_missing_is_not_found(b: &Backend) -> Result<()> {
+    expect_code(
+        b.mounts("mounts-missing").await,
+        Code::NotFound,
+        "Mounts(missing)",
+    );
+    Ok(())
+}
+
+// ----------------------------------------------------------------- update
+
+fn info_with(name: &str, l: Labels) -> Info {
+    Info {
+        name: name.into(),
+        labels: l,
+        ..Default::default()
+    }
+}
+
+pub async fn update_changes_updated_at_only(b: &Backend) -> Result<()> {
+    b.prepare("upd-time", "", labels([("x", "1")])).await?;
+    let before = b.stat("upd-time").await?;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let returned = b
+        .update(info_with("upd-time", labels([("x", "2")])), &["labels.x"])
+        .await?;
+    let after = b.stat("upd-time").await?;
+    assert_eq!(returned, after, "Update returns what Stat then shows");
+    assert_eq!(
+        after.created_at, before.created_at,
+        "created_at must not change"
+    );
+    assert!(
+        to_system_time(&after.updated_at, "updated_at")
+            > to_system_time(&before.updated_at, "updated_at"),
+        "updated_at must advance: {:?} -> {:?}",
+        before.updated_at,
+        after.updated_at
+    );
+    assert_eq!(
+        (after.name, after.parent, kind(&before)),
+        (before.name, before.parent, Kind::Active)
+    );
+    Ok(())
+}
+
+pub async fn update_label_by_field_path(b: &Backend) -> Result<()> {
+    b.prepare("upd-path", "", labels([("keep", "k"), ("foo", "old")]))
+        .await?;
+    let sent = labels([("foo", "new"), ("ignored", "not in mask")]);
+    let info = b
+        .update(info_with("upd-path", sent), &["labels.foo"])
+        .await?;
+    let want = labels([("keep", "k"), ("foo", "new")]);
+    assert_eq!(info.labels, want);
+    assert_eq!(b.stat("upd-path").await?.labels, want);
+    Ok(())
+}
+
+pub async fn update_labels_whole_map(b: &Backend) -> Result<()> {
+    layer(b, "upd-map", "", &[], &[]).await?;
+    b.update(
+        info_with("upd-map", labels([("a", "1"), ("b", "2")])),
+        &["labels"],
+    )
+    .await?;
+    let info = b
+        .update(info_with("upd-map", labels([("c", "3")])), &["labels"])
+        .await?;
+    assert_eq!(info.labels, labels([("c", "3")]));
+    assert_eq!(kind(&info), Kind::Committed);
+    assert_eq!(b.stat("upd-map").await?.labels, labels([("c", "3")]));
+    Ok(())
+}
+
+/// An empty mask updates every updatable field, i.e. replaces the labels.
+pub async fn update_empty_mask_replaces_labels(b: &Backend) -> Result<()> {
+    b.prepare("upd-empty", "", labels([("a", "1"), ("b", "2")]))
+        .await?;
+    let info = b
+        .update(info_with("upd-empty", labels([("c", "3")])), &[])
+        .await?;
+    assert_eq!(info.labels, labels([("c", "3")]));
+    assert_eq!(b.stat("upd-empty").await?.labels, labels([("c", "3")]));
+    Ok(())
+}
+
+pub async fn update_label_removed_by_empty_value(b: &Backend) -> Result<()> {
+    b.prepare("upd-rm", "", labels([("a", "1"), ("b", "2"), ("c", "3")]))
+        .await?;
+    // Sent as an empty value.
+    b.update(info_with("upd-rm", labels([("a", "")])), &["labels.a"])
+        .await?;
+    // Absent from the sent labels altogether.
+    let info = b
+        .update(info_with("upd-rm", no_labels()), &["labels.b"])
+        .await?;
+    assert_eq!(info.labels, labels([("c", "3")]));
+    assert_eq!(b.stat("upd-rm").await?.labels, labels([("c", "3")]));
+    Ok(())
+}
+
+pub async fn update_invalid_field_path(b: &Backend) -> Result<()> {
+    b.prepare("upd-bad", "", labels([("a", "1")])).await?;
+    for path in ["bogus", "name", "parent", "kind"] {
+        let info = Info {
+            name: "upd-bad".into(),
+            parent: "other".into(),
+            kind: Kind::Committed as i32,
+            ..Default::default()
+        };
+        expect_code(b.update(info, &[path]).await, Code::InvalidArgument, path);
+    }
+    let info = b.stat("upd-bad").await?;
+    assert_eq!((info.parent.as_str(), kind(&info)), ("", Kind::Active));
+    assert_eq!(info.labels, labels([("a", "1")]));
+    Ok(())
+}
+
+pub async fn update_missing_is_not_found(b: &Backend) -> Result<()> {
+    let info = info_with("upd-missing", labels([("a", "1")]));
+    expect_code(
+        b.update(info, &["labels.a"]).await,
+        Code::NotFound,
+        "Update(missing)",
+    );
+    Ok(())
+}
+
+fn huge_labels() -> Labels {
+    labels([("conformance/huge", &"x".repeat(4097))])
+}
+
+pub async fn update_labels_too_large(b: &Backend) -> Result<()> {
+    b.prepare("upd-huge", "", no_labels()).await?;
+    let info = info_with("upd-huge", huge_labels());
+    expect_code(
+        b.update(info, &["labels"]).await,
+        Code::InvalidArgument,
+        "Update(huge)",
+    );
+    assert!(b.stat("upd-huge").await?.labels.is_empty());
+    Ok(())
+}
+
+// ----------------------------------------------------------------- remove
+
+pub async fn remove_parent_with_children_fails(b: &Backend) -> Result<()> {
+    let layers = chain(b, "rm-parent", 2).await?;
+    expect_code(
+        b.remove(&layers[0]).await,
+        Code::FailedPrecondition,
+        "Remove(parent of committed)",
+    );
+    b.view("rm-parent-view", &layers[1], no_labels()).await?;
+    expect_code(
+        b.remove(&layers[1]).await,
+        Code::FailedPrecondition,
+        "Remove(parent of view)",
+    );
+    b.remove("rm-parent-view").await?;
+    b.prepare("rm-parent-active", &layers[1], no_labels())
+        .await?;
+    expect_code(
+        b.remove(&layers[1]).await,
+        Code::FailedPrecondition,
+        "Remove(parent of active)",
+    );
+    assert_eq!(kind(&b.stat(&layers[0]).await?), Kind::Committed);
+    assert_eq!(kind(&b.stat(&layers[1]).await?), Kind::Committed);
+    Ok(())
+}
+
+pub async fn remove_active(b: &Backend) -> Result<()> {
+    b.prepare("rm-active", "", no_labels()).await?;
+    b.remove("rm-active").await?;
+    expect_code(
+        b.stat("rm-active").await,
+        Code::NotFound,
+        "Stat after Remove",
+    );
+    expect_code(
+        b.mounts("rm-active").await,
+        Code::NotFound,
+        "Mounts after Remove",
+    );
+    Ok(())
+}
+
+pub async fn remove_view(b: &Backend) -> Result<()> {
+    let layers = chain(b, "rm-view", 1).await?;
+    b.view("rm-view-v", &layers[0], no_labels()).await?;
+    b.remove("rm-view-v").await?;
+    expect_code(
+        b.stat("rm-view-v").await,
+        Code::NotFound,
+        "Stat after Remove",
+    );
+    // The parent, now childless, can go too.
+    b.remove(&layers[0]).await?;
+    Ok(())
+}
+
+pub async fn remove_committed_leaf_then_parent(b: &Backend) -> Result<()> {
+    let layers = chain(b, "rm-leaf", 3).await?;
+    for name in layers.iter().rev() {
+        b.remove(name).await?;
+        expect_code(b.stat(name).await, Code::NotFound, "Stat after Remove");
+    }
+    assert!(b.list_names("rm-leaf", &[]).await?.is_empty());
+    Ok(())
+}
+
+pub async fn remove_missing_is_not_found(b: &Backend) -> Result<()> {
+    expect_code(
+        b.remove("rm-missing").await,
+        Code::NotFound,
+        "Remove(missing)",
+    );
+    b.prepare("rm-twice", "", no_labels()).await?;
+    b.remove("rm-twice").await?;
+    expect_code(b.remove("rm-twice").await, Code::NotFound, "Remove twice");
+    Ok(())
+}
+
+pub async fn key_reusable_after_commit_and_remove(b: &Backend) -> Result<()> {
+    b.prepare("reuse-a", "", no_labels()).await?;
+    b.commit("reuse-c", "reuse-a", no_labels()).await?;
+    b.prepare("reuse-a", "reuse-c", no_labels()).await?;
+    assert_eq!(b.stat("reuse-a").await?.parent, "reuse-c");
+    b.remove("reuse-a").await?;
+    b.prepare("reuse-a", "", no_labels()).await?;
+    assert_eq!(b.stat("reuse-a").await?.parent, "");
+    Ok(())
+}
+
+// ------------------------------------------------------------------ usage
+
+const WRITTEN: usize = 1 << 20;
+const FILES: i64 = 10;
+
+/// Writes `FILES` files totalling `WRITTEN` bytes into `key`.
+async fn fill(b: &Backend, key: &str, parent: &str) -> Result<()> {
+    let mounts = b.prepare(key, parent, no_labels()).await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir(key)?)?;
+    let chunk = vec![0xa5u8; WRITTEN / FILES as usize];
+    for i in 0..FILES {
+        std::fs::write(mounted.path().join(format!("blob{i}")), &chunk)?;
+    }
+    nix::unistd::sync();
+    Ok(())
+}
+
+pub async fn usage_grows_with_writes(b: &Backend) -> Result<()> {
+    let layers = chain(b, "usage-grow", 1).await?;
+    b.prepare("usage-grow-empty", &layers[0], no_labels())
+        .await?;
+    let empty = b.usage("usage-grow-empty").await?;
+    assert!(empty.size >= 0 && empty.inodes >= 0, "{empty:?}");
+    fill(b, "usage-grow-a", &layers[0]).await?;
+    let usage = b.usage("usage-grow-a").await?;
+    let min = (WRITTEN as i64 / FILES) * FILES;
+    assert!(
+        usage.size >= empty.size + min,
+        "size {} < {min} written",
+        usage.size
+    );
+    assert!(
+        usage.inodes >= empty.inodes + FILES,
+        "inodes {} < {FILES} files",
+        usage.inodes
+    );
+    Ok(())
+}
+
+pub async fn usage_of_committed_matches_active(b: &Backend) -> Result<()> {
+    fill(b, "usage-c-a", "").await?;
+    let active = b.usage("usage-c-a").await?;
+    b.commit("usage-c", "usage-c-a", no_labels()).await?;
+    let committed = b.usage("usage-c").await?;
+    assert_eq!(committed, active, "a commit does not change the usage");
+    assert!(
+        committed.size >= WRITTEN as i64 / FILES * FILES,
+        "{committed:?}"
+    );
+    Ok(())
+}
+
+pub async fn usage_missing_is_not_found(b: &Backend) -> Result<()> {
+    expect_code(
+        b.usage("usage-missing").await,
+        Code::NotFound,
+        "Usage(missing)",
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------- list/walk
+
+/// `lst-1 <- lst-2 <- lst-3` committed, `lst-a` active on `lst-3`, `lst-v`
+/// a view of `lst-2`, `lst-b` active without parent; labelled variously.
+async fn list_fixture(b: &Backend) -> Result<()> {
+    b.prepare("lst-1-a", "", labels([("a.b", "v")])).await?;
+    b.commit("lst-1", "lst-1-a", labels([("a.b", "v"), ("x", "1")]))
+        .await?;
+    b.prepare("lst-2-a", "lst-1", no_labels()).await?;
+    b.commit("lst-2", "lst-2-a", labels([("a.b", "w")])).await?;
+    b.prepare("lst-3-a", "lst-2", no_labels()).await?;
+    b.commit("lst-3", "lst-3-a", labels([("x", "")])).await?;
+    b.prepare("lst-a", "lst-3", labels([("x", "2"), ("a.b", "v")]))
+        .await?;
+    b.view("lst-v", "lst-2", labels([("y", "1")])).await?;
+    b.prepare("lst-b", "", no_labels()).await?;
+    Ok(())
+}
+
+pub async fn list_all_and_kinds(b: &Backend) -> Result<()> {
+    list_fixture(b).await?;
+    let all = names(["lst-1", "lst-2", "lst-3", "lst-a", "lst-v", "lst-b"]);
+    assert_eq!(b.list_names("lst-", &[]).await?, all);
+    let infos = b.list(&[]).await?;
+    for info in infos.iter().filter(|i| i.name.starts_with("lst-")) {
+        assert_eq!(info, &b.stat(&info.name).await?, "List and Stat agree");
+    }
+    let filters = [
+        ("kind==committed", names(["lst-1", "lst-2", "lst-3"])),
+        ("kind==active", names(["lst-a", "lst-b"])),
+        ("kind==view", names(["lst-v"])),
+        ("kind!=committed", names(["lst-a", "lst-b", "lst-v"])),
+    ];
+    for (filter, want) in filters {
+        assert_eq!(b.list_names("lst-", &[filter]).await?, want, "{filter}");
+    }
+    Ok(())
+}
+
+pub async fn list_filter_name_and_parent(b: &Backend) -> Result<()> {
+    list_fixture(b).await?;
+    let filters = [
+        ("name==lst-2", names(["lst-2"])),
+        ("name==lst-nothing", names([])),
+        ("parent==lst-2", names(["lst-3", "lst-v"])),
+        ("parent==lst-3", names(["lst-a"])),
+        (r#"name~="^lst-[ab]$""#, names(["lst-a", "lst-b"])),
+    ];
+    for (filter, want) in filters {
+        assert_eq!(b.list_names("lst-", &[filter]).await?, want, "{filter}");
+    }
+    Ok(())
+}
+
+pub async fn list_filter_labels(b: &Backend) -> Result<()> {
+    list_fixture(b).await?;
+    let filters = [
+        (r#"labels."a.b"==v"#, names(["lst-1", "lst-a"])),
+        (r#"labels."a.b""#, names(["lst-1", "lst-2", "lst-a"])),
+        (
+            r#"labels."a.b"!=v"#,
+            names(["lst-2", "lst-3", "lst-b", "lst-v"]),
+        ),
+        ("labels.x", names(["lst-1", "lst-a"])),
+        ("labels.y==1", names(["lst-v"])),
+    ];
+    for (filter, want) in filters {
+        assert_eq!(b.list_names("lst-", &[filter]).await?, want, "{filter}");
+    }
+    Ok(())
+}
+
+pub async fn list_filters_or_and_comma_and(b: &Backend) -> Result<()> {
+    list_fixture(b).await?;
+    let cases: [(&[&str], BTreeSet<String>); 4] = [
+        (&["name==lst-1", "name==lst-b"], names(["lst-1", "lst-b"])),
+        (&["kind==view", "parent==lst-3"], names(["lst-a", "lst-v"])),
+        (&[r#"kind==committed,labels."a.b"==v"#], names(["lst-1"])),
+        (
+            &["kind==active,labels.x", "kind==committed,parent==lst-1"],
+            names(["lst-a", "lst-2"]),
+        ),
+    ];
+    for (filters, want) in cases {
+        assert_eq!(b.list_names("lst-", filters).await?, want, "{filters:?}");
+    }
+    // containerd wraps the parse error so that it reaches the wire as
+    // Unknown (its message ends in "invalid argument").
+    expect_code_in(
+        b.list(&["kind=="]).await,
+        EMPTY_NAME_CODES,
+        "malformed filter",
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------- invalid requests
+
+pub async fn prepare_empty_key(b: &Backend) -> Result<()> {
+    expect_code_in(
+        b.prepare("", "", no_labels()).await,
+        EMPTY_NAME_CODES,
+        "Prepare(\"\")",
+    );
+    expect_code_in(
+        b.view("", "", no_labels()).await,
+        EMPTY_NAME_CODES,
+        "View(\"\")",
+    );
+    layer(b, "ek-c", "", &[], &[]).await?;
+    expect_code_in(
+        b.prepare("", "ek-c", no_labels()).await,
+        EMPTY_NAME_CODES,
+        "Prepare(\"\", parent)",
+    );
+    let listed = b.list(&[]).await?;
+    assert!(
+        listed.iter().all(|i| !i.name.is_empty()),
+        "a snapshot without name: {listed:?}"
+    );
+    Ok(())
+}
+
+pub async fn prepare_duplicate_key(b: &Backend) -> Result<()> {
+    b.prepare("dup-a", "", no_labels()).await?;
+    expect_code(
+        b.prepare("dup-a", "", no_labels()).await,
+        Code::AlreadyExists,
+        "Prepare twice",
+    );
+    layer(b, "dup-c", "", &[], &[]).await?;
+    expect_code(
+        b.prepare("dup-c", "", no_labels()).await,
+        Code::AlreadyExists,
+        "Prepare(committed name)",
+    );
+    expect_code(
+        b.prepare("dup-a", "dup-c", no_labels()).await,
+        Code::AlreadyExists,
+        "Prepare twice with parent",
+    );
+    assert_eq!(b.stat("dup-a").await?.parent, "", "the first one stays");
+    Ok(())
+}
+
+pub async fn prepare_missing_parent(b: &Backend) -> Result<()> {
+    expect_code(
+        b.prepare("np-a", "np-missing", no_labels()).await,
+        Code::NotFound,
+        "Prepare on missing parent",
+    );
+    expect_code(
+        b.view("np-v", "np-missing", no_labels()).await,
+        Code::NotFound,
+        "View on missing parent",
+    );
+    expect_code(b.stat("np-a").await, Code::NotFound, "nothing left behind");
+    Ok(())
+}
+
+pub async fn prepare_on_active_parent(b: &Backend) -> Result<()> {
+    b.prepare("ap-parent", "", no_labels()).await?;
+    expect_code(
+        b.prepare("ap-child", "ap-parent", no_labels()).await,
+        Code::InvalidArgument,
+        "Prepare on active parent",
+    );
+    expect_code(
+        b.stat("ap-child").await,
+        Code::NotFound,
+        "nothing left behind",
+    );
+    Ok(())
+}
+
+pub async fn view_on_active_parent(b: &Backend) -> Result<()> {
+    b.prepare("avp-parent", "", no_labels()).await?;
+    expect_code(
+        b.view("avp-child", "avp-parent", no_labels()).await,
+        Code::InvalidArgument,
+        "View on active parent",
+    );
+    Ok(())
+}
+
+pub async fn view_duplicate_key(b: &Backend) -> Result<()> {
+    layer(b, "vdup-c", "", &[], &[]).await?;
+    b.view("vdup-v", "vdup-c", no_labels()).await?;
+    expect_code(
+        b.view("vdup-v", "vdup-c", no_labels()).await,
+        Code::AlreadyExists,
+        "View twice",
+    );
+    expect_code(
+        b.prepare("vdup-v", "", no_labels()).await,
+        Code::AlreadyExists,
+        "Prepare(view key)",
+    );
+    Ok(())
+}
+
+pub async fn commit_of_view(b: &Backend) -> Result<()> {
+    layer(b, "cv-c", "", &[], &[]).await?;
+    b.view("cv-v", "cv-c", no_labels()).await?;
+    expect_code(
+        b.commit("cv-new", "cv-v", no_labels()).await,
+        Code::FailedPrecondition,
+        "Commit(view)",
+    );
+    assert_eq!(kind(&b.stat("cv-v").await?), Kind::View);
+    expect_code(
+        b.stat("cv-new").await,
+        Code::NotFound,
+        "no committed snapshot made",
+    );
+    Ok(())
+}
+
+pub async fn commit_missing_key(b: &Backend) -> Result<()> {
+    expect_code(
+        b.commit("cm-new", "cm-missing", no_labels()).await,
+        Code::NotFound,
+        "Commit(missing)",
+    );
+    layer(b, "cm-c", "", &[], &[]).await?;
+    expect_code(
+        b.commit("cm-new", "cm-c", no_labels()).await,
+        Code::FailedPrecondition,
+        "Commit(committed)",
+    );
+    Ok(())
+}
+
+pub async fn commit_to_existing_name(b: &Backend) -> Result<()> {
+    layer(b, "ce-c", "", &[], &[]).await?;
+    b.prepare("ce-a", "", no_labels()).await?;
+    expect_code(
+        b.commit("ce-c", "ce-a", no_labels()).await,
+        Code::AlreadyExists,
+        "Commit onto committed name",
+    );
+    assert_eq!(
+        kind(&b.stat("ce-a").await?),
+        Kind::Active,
+        "the active survives"
+    );
+    Ok(())
+}
+
+pub async fn commit_name_equal_to_active_key(b: &Backend) -> Result<()> {
+    b.prepare("cn-a1", "", no_labels()).await?;
+    b.prepare("cn-a2", "", no_labels()).await?;
+    expect_code(
+        b.commit("cn-a1", "cn-a2", no_labels()).await,
+        Code::AlreadyExists,
+        "Commit onto active key",
+    );
+    b.view("cn-v", "", no_labels()).await?;
+    expect_code(
+        b.commit("cn-v", "cn-a2", no_labels()).await,
+        Code::AlreadyExists,
+        "Commit onto view key",
+    );
+    assert_eq!(kind(&b.stat("cn-a1").await?), Kind::Active);
+    assert_eq!(kind(&b.stat("cn-a2").await?), Kind::Active);
+    Ok(())
+}
+
+pub async fn commit_empty_name(b: &Backend) -> Result<()> {
+    b.prepare("cen-a", "", no_labels()).await?;
+    expect_code_in(
+        b.commit("", "cen-a", no_labels()).await,
+        EMPTY_NAME_CODES,
+        "Commit(\"\")",
+    );
+    assert_eq!(kind(&b.stat("cen-a").await?), Kind::Active);
+    Ok(())
+}
+
+pub async fn prepare_labels_too_large(b: &Backend) -> Result<()> {
+    expect_code(
+        b.prepare("big-a", "", huge_labels()).await,
+        Code::InvalidArgument,
+        "Prepare(huge labels)",
+    );
+    expect_code(b.stat("big-a").await, Code::NotFound, "nothing left behind");
+    // Exactly at the limit is fine: key + value = 4096 bytes.
+    let key = "conformance/limit";
+    let at_limit = labels([(key, &"x".repeat(4096 - key.len()))]);
+    b.prepare("big-ok", "", at_limit.clone()).await?;
+    assert_eq!(b.stat("big-ok").await?.labels, at_limit);
+    Ok(())
+}
+
+pub async fn commit_labels_too_large(b: &Backend) -> Result<()> {
+    b.prepare("bigc-a", "", no_labels()).await?;
+    expect_code(
+        b.commit("bigc-c", "bigc-a", huge_labels()).await,
+        Code::InvalidArgument,
+        "Commit(huge labels)",
+    );
+    assert_eq!(kind(&b.stat("bigc-a").await?), Kind::Active);
+    Ok(())
+}
+
+// ---------------------------------------------------------------- cleanup
+
+pub async fn cleanup_removes_dirs_of_removed_snapshots(b: &Backend) -> Result<()> {
+    let mounts = b.prepare("clean-1-a", "", no_labels()).await?;
+    let dir1 = snapshot_dir_of(&mounts)?;
+    b.commit("clean-1", "clean-1-a", no_labels()).await?;
+    let dir2 = snapshot_dir_of(&b.prepare("clean-2", "clean-1", no_labels()).await?)?;
+    let dir3 = snapshot_dir_of(&b.prepare("clean-keep", "clean-1", no_labels()).await?)?;
+    if let Some(root) = b.snapshots_dir() {
+        for dir in [&dir1, &dir2, &dir3] {
+            assert!(
+                dir.starts_with(root),
+                "{} not under {}",
+                dir.display(),
+                root.display()
+            );
+        }
+    }
+    for dir in [&dir1, &dir2, &dir3] {
+        assert!(dir.is_dir(), "{} missing before removal", dir.display());
+    }
+    b.remove("clean-2").await?;
+    b.remove("clean-keep").await?;
+    b.remove("clean-1").await?;
+    b.prepare("clean-live", "", no_labels()).await?;
+    let live = snapshot_dir_of(&b.mounts("clean-live").await?)?;
+    let cleanup = async || {
+        if b.cleanup_implemented() {
+            b.cleanup().await
+        } else {
+            expect_code(b.cleanup().await, Code::Unimplemented, "Cleanup");
+            Ok(())
+        }
+    };
+    cleanup().await?;
+    // containerd removes directories in its garbage collector, shortly
+    // after the removal; a bare snapshotter may do so in Remove or Cleanup.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while [&dir1, &dir2, &dir3].iter().any(|d| d.exists()) {
+        if std::time::Instant::now() > deadline {
+            panic!(
+                "snapshot dirs still on disk after Remove and Cleanup: {dir1:?} {dir2:?} {dir3:?}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cleanup().await?;
+    }
+    assert!(live.is_dir(), "Cleanup removed a live snapshot's dir");
+    Ok(())
+}
