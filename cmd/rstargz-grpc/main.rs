@@ -1,5 +1,109 @@
-//! `rstargz-grpc`: the snapshotter daemon.
-fn main() {
-    eprintln!("rstargz-grpc: not implemented yet");
-    std::process::exit(2);
+//! `rstargz-grpc`: the snapshotter daemon. Parses flags and the config
+//! file, sets up logging and a small tokio runtime, and hands over to
+//! [`rstargz::snapshotter::run`].
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use rstargz::snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
+use rstargz::snapshotter::{NoRemote, run};
+
+/// containerd snapshotter with lazy pulling of eStargz layers.
+#[derive(Debug, Parser)]
+#[command(name = "rstargz-grpc", version)]
+struct Flags {
+    /// Unix socket to listen on [config: address].
+    #[arg(long)]
+    address: Option<PathBuf>,
+    /// State directory [config: root].
+    #[arg(long)]
+    root: Option<PathBuf>,
+    /// Config file; a missing default file is fine, a missing explicit one
+    /// is an error [default: /etc/rstargz/config.toml].
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// error, warn, info, debug or trace [config: log_level].
+    #[arg(long)]
+    log_level: Option<String>,
+}
+
+fn load(flags: Flags) -> Result<Config, String> {
+    let explicit = flags.config.is_some();
+    let path = flags
+        .config
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let mut config = Config::load(&path, explicit).map_err(|e| e.to_string())?;
+    if let Some(a) = flags.address {
+        config.address = a;
+    }
+    if let Some(r) = flags.root {
+        config.root = r;
+    }
+    if let Some(l) = flags.log_level {
+        config.log_level = l;
+    }
+    config.validate().map_err(|e| e.to_string())?;
+    Ok(config)
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut int, mut term) = match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(i), Ok(t)) => (i, t),
+        _ => {
+            tracing::error!("cannot install signal handlers; stop with SIGKILL");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
+        _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
+    }
+}
+
+fn main() -> ExitCode {
+    let config = match load(Flags::parse()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("rstargz-grpc: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_level))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.runtime.worker_threads)
+        .max_blocking_threads(config.runtime.max_blocking_threads)
+        .thread_keep_alive(Duration::from_secs(config.runtime.blocking_keep_alive_secs))
+        .thread_name("rstargz-grpc")
+        .enable_all()
+        .build();
+    let rt = match rt {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("rstargz-grpc: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let ready = || {
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "systemd readiness notification failed");
+        }
+    };
+    match rt.block_on(run(&config, Arc::new(NoRemote), shutdown_signal(), ready)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "rstargz-grpc failed");
+            eprintln!("rstargz-grpc: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
