@@ -17,6 +17,9 @@ use std::time::Duration;
 const CASE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts a backend with `start`, runs `case` against it, stops it.
+///
+/// The runtime goes before the backend: that closes the client's
+/// connection, so the daemon is not stopped with a client still attached.
 fn run<B, C>(start: B, case: C)
 where
     B: AsyncFnOnce() -> anyhow::Result<snapshotter::Backend>,
@@ -26,15 +29,20 @@ where
         .enable_all()
         .build()
         .expect("tokio runtime");
-    runtime.block_on(async {
-        let backend = start().await.expect("backend failed to start");
-        let outcome = tokio::time::timeout(CASE_TIMEOUT, case(&backend)).await;
-        match outcome {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => panic!("{err:#}"),
-            Err(_) => panic!("case timed out after {CASE_TIMEOUT:?}"),
-        }
-    });
+    let backend = runtime
+        .block_on(start())
+        .unwrap_or_else(|err| panic!("backend failed to start: {err:#}"));
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        runtime.block_on(async { tokio::time::timeout(CASE_TIMEOUT, case(&backend)).await })
+    }));
+    drop(runtime);
+    drop(backend);
+    match outcome {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(err))) => panic!("{err:#}"),
+        Ok(Err(_)) => panic!("case timed out after {CASE_TIMEOUT:?}"),
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
 }
 
 /// Defines one `#[test]` per case, each against a fresh backend from

@@ -37,9 +37,15 @@ macro_rules! for_each_case {
             mount_whiteout_hides_parent_file,
             mount_opaque_dir_hides_parent_contents,
             mount_view_is_read_only,
+            mount_root_of_new_active_is_0755,
+            mount_ownership_and_modes_preserved,
+            mount_rename_from_lower_layer,
+            mount_deep_chain,
+            mounts_of_committed,
             stat_info_fields,
             stat_commit_labels_replace_active_labels,
             stat_missing_is_not_found,
+            labels_with_empty_value_are_dropped,
             mounts_missing_is_not_found,
             update_changes_updated_at_only,
             update_label_by_field_path,
@@ -58,6 +64,7 @@ macro_rules! for_each_case {
             usage_grows_with_writes,
             usage_of_committed_matches_active,
             usage_missing_is_not_found,
+            usage_of_view,
             list_all_and_kinds,
             list_filter_name_and_parent,
             list_filter_labels,
@@ -67,6 +74,7 @@ macro_rules! for_each_case {
             prepare_missing_parent,
             prepare_on_active_parent,
             view_on_active_parent,
+            prepare_on_view_parent,
             view_duplicate_key,
             commit_of_view,
             commit_missing_key,
@@ -414,6 +422,114 @@ pub async fn mount_view_is_read_only(b: &Backend) -> Result<()> {
     Ok(())
 }
 
+pub async fn mount_root_of_new_active_is_0755(b: &Backend) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mounts = b.prepare("sem-root", "", no_labels()).await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir("sem-root")?)?;
+    let meta = std::fs::metadata(mounted.path())?;
+    assert_eq!(meta.mode() & 0o7777, 0o755, "mode {:o}", meta.mode());
+    assert_eq!((meta.uid(), meta.gid()), (0, 0));
+    ensure!(
+        std::fs::read_dir(mounted.path())?.next().is_none(),
+        "a new active is empty"
+    );
+    Ok(())
+}
+
+pub async fn mount_ownership_and_modes_preserved(b: &Backend) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let mounts = b.prepare("sem-own-a", "", no_labels()).await?;
+    {
+        let mounted = mount_all(&mounts, &b.scratch_dir("sem-own-a")?)?;
+        let root = mounted.path();
+        write_files(root, &[("priv/file", "p"), ("suid", "s")])?;
+        std::fs::set_permissions(root.join("priv"), std::fs::Permissions::from_mode(0o700))?;
+        std::fs::set_permissions(
+            root.join("priv/file"),
+            std::fs::Permissions::from_mode(0o640),
+        )?;
+        std::fs::set_permissions(root.join("suid"), std::fs::Permissions::from_mode(0o4755))?;
+        std::os::unix::fs::chown(root.join("priv/file"), Some(1234), Some(5678))?;
+        std::os::unix::fs::symlink("priv/file", root.join("link"))?;
+    }
+    b.commit("sem-own-1", "sem-own-a", no_labels()).await?;
+    // Seen through a bind view and through an overlay above a new layer.
+    layer(b, "sem-own-2", "sem-own-1", &[("other", "o")], &[]).await?;
+    for parent in ["sem-own-1", "sem-own-2"] {
+        let key = format!("{parent}-view");
+        let mounts = b.view(&key, parent, no_labels()).await?;
+        let mounted = mount_all(&mounts, &b.scratch_dir(&key)?)?;
+        let root = mounted.path();
+        let mode = |p: &str| -> Result<u32> { Ok(std::fs::symlink_metadata(root.join(p))?.mode()) };
+        assert_eq!(mode("priv")? & 0o7777, 0o700, "{parent}: priv");
+        assert_eq!(mode("priv/file")? & 0o7777, 0o640, "{parent}: priv/file");
+        assert_eq!(mode("suid")? & 0o7777, 0o4755, "{parent}: suid");
+        let meta = std::fs::metadata(root.join("priv/file"))?;
+        assert_eq!((meta.uid(), meta.gid()), (1234, 5678), "{parent}: owner");
+        assert_eq!(
+            std::fs::read_link(root.join("link"))?,
+            Path::new("priv/file")
+        );
+    }
+    Ok(())
+}
+
+pub async fn mount_rename_from_lower_layer(b: &Backend) -> Result<()> {
+    layer(
+        b,
+        "sem-mv-1",
+        "",
+        &[("from", "moved"), ("d/inner", "i")],
+        &[],
+    )
+    .await?;
+    let mounts = b.prepare("sem-mv-a", "sem-mv-1", no_labels()).await?;
+    {
+        let mounted = mount_all(&mounts, &b.scratch_dir("sem-mv-a")?)?;
+        std::fs::rename(mounted.path().join("from"), mounted.path().join("to"))?;
+        std::fs::rename(mounted.path().join("d/inner"), mounted.path().join("inner"))?;
+    }
+    b.commit("sem-mv-2", "sem-mv-a", no_labels()).await?;
+    layer(b, "sem-mv-3", "sem-mv-2", &[], &[]).await?;
+    let mounts = b.view("sem-mv-view", "sem-mv-3", no_labels()).await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir("sem-mv-view")?)?;
+    let root = mounted.path();
+    assert!(!root.join("from").exists() && !root.join("d/inner").exists());
+    assert_eq!(read(&root.join("to"))?, "moved");
+    assert_eq!(read(&root.join("inner"))?, "i");
+    Ok(())
+}
+
+/// Sixteen layers: every one visible, the top one winning.
+pub async fn mount_deep_chain(b: &Backend) -> Result<()> {
+    let layers = chain(b, "deep", 16).await?;
+    let mounts = b.prepare("deep-top", &layers[15], no_labels()).await?;
+    let m = single(&mounts, "active on 16 layers");
+    let lowerdir = option(&m, "lowerdir").unwrap_or_default();
+    assert_eq!(lowerdir.split(':').count(), 16, "{m:?}");
+    let mounted = mount_all(&mounts, &b.scratch_dir("deep-top")?)?;
+    for i in 1..=16 {
+        assert_eq!(
+            read(&mounted.path().join(format!("file{i}")))?,
+            format!("layer {i}")
+        );
+    }
+    assert_eq!(read(&mounted.path().join("layer"))?, "layer 16");
+    Ok(())
+}
+
+/// A committed snapshot has no mounts of its own: containerd's overlayfs
+/// answers that it is not active.
+pub async fn mounts_of_committed(b: &Backend) -> Result<()> {
+    layer(b, "mc-c", "", &[], &[]).await?;
+    expect_code(
+        b.mounts("mc-c").await,
+        Code::FailedPrecondition,
+        "Mounts(committed)",
+    );
+    Ok(())
+}
+
 // ------------------------------------------------------------------- stat
 
 pub async fn stat_info_fields(b: &Backend) -> Result<()> {
@@ -465,6 +581,33 @@ pub async fn stat_commit_labels_replace_active_labels(b: &Backend) -> Result<()>
         .await?;
     let info = b.stat("stat-cl-c").await?;
     assert_eq!(info.labels, labels([("at", "commit")]));
+    Ok(())
+}
+
+/// containerd does not store a label whose value is empty, whichever call
+/// sets it.
+pub async fn labels_with_empty_value_are_dropped(b: &Backend) -> Result<()> {
+    let sent = labels([("empty", ""), ("full", "1")]);
+    b.prepare("lev-a", "", sent.clone()).await?;
+    assert_eq!(
+        b.stat("lev-a").await?.labels,
+        labels([("full", "1")]),
+        "Prepare"
+    );
+    b.commit("lev-c", "lev-a", sent.clone()).await?;
+    assert_eq!(
+        b.stat("lev-c").await?.labels,
+        labels([("full", "1")]),
+        "Commit"
+    );
+    b.view("lev-v", "lev-c", sent.clone()).await?;
+    assert_eq!(
+        b.stat("lev-v").await?.labels,
+        labels([("full", "1")]),
+        "View"
+    );
+    let info = b.update(info_with("lev-v", sent), &["labels"]).await?;
+    assert_eq!(info.labels, labels([("full", "1")]), "Update");
     Ok(())
 }
 
@@ -765,6 +908,16 @@ pub async fn usage_of_committed_matches_active(b: &Backend) -> Result<()> {
     Ok(())
 }
 
+/// A view has no writable layer: containerd's overlayfs reports nothing.
+pub async fn usage_of_view(b: &Backend) -> Result<()> {
+    fill(b, "usage-v-a", "").await?;
+    b.commit("usage-v-c", "usage-v-a", no_labels()).await?;
+    b.view("usage-v", "usage-v-c", no_labels()).await?;
+    let usage = b.usage("usage-v").await?;
+    assert_eq!((usage.size, usage.inodes), (0, 0), "{usage:?}");
+    Ok(())
+}
+
 pub async fn usage_missing_is_not_found(b: &Backend) -> Result<()> {
     expect_code(
         b.usage("usage-missing").await,
@@ -785,7 +938,7 @@ async fn list_fixture(b: &Backend) -> Result<()> {
     b.prepare("lst-2-a", "lst-1", no_labels()).await?;
     b.commit("lst-2", "lst-2-a", labels([("a.b", "w")])).await?;
     b.prepare("lst-3-a", "lst-2", no_labels()).await?;
-    b.commit("lst-3", "lst-3-a", labels([("x", "")])).await?;
+    b.commit("lst-3", "lst-3-a", labels([("z", "3")])).await?;
     b.prepare("lst-a", "lst-3", labels([("x", "2"), ("a.b", "v")]))
         .await?;
     b.view("lst-v", "lst-2", labels([("y", "1")])).await?;
@@ -955,6 +1108,22 @@ pub async fn view_on_active_parent(b: &Backend) -> Result<()> {
         b.view("avp-child", "avp-parent", no_labels()).await,
         Code::InvalidArgument,
         "View on active parent",
+    );
+    Ok(())
+}
+
+pub async fn prepare_on_view_parent(b: &Backend) -> Result<()> {
+    layer(b, "vp-c", "", &[], &[]).await?;
+    b.view("vp-v", "vp-c", no_labels()).await?;
+    expect_code(
+        b.prepare("vp-child", "vp-v", no_labels()).await,
+        Code::InvalidArgument,
+        "Prepare on view parent",
+    );
+    expect_code(
+        b.view("vp-child-v", "vp-v", no_labels()).await,
+        Code::InvalidArgument,
+        "View on view parent",
     );
     Ok(())
 }
