@@ -64,16 +64,21 @@ disabled_plugins = [{disabled}]
     );
     let config_path = path.join("config.toml");
     std::fs::write(&config_path, config)?;
-    let mut command = Command::new("containerd");
-    command.arg("--config").arg(&config_path);
-    let mut daemon = Daemon::spawn(command, dir, "containerd")?;
-    let snapshots = daemon
-        .dir()
-        .join("root/io.containerd.snapshotter.v1.overlayfs/snapshots");
-    let channel = daemon.wait_for_socket(&socket).await?;
+    let snapshots = path.join("root/io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let mut daemon = Daemon::new(
+        dir,
+        "containerd",
+        socket,
+        Box::new(move || {
+            let mut command = Command::new("containerd");
+            command.arg("--config").arg(&config_path);
+            command
+        }),
+    );
+    let channel = daemon.start().await?;
     let namespace = unique("conformance");
     let lease = retry_unavailable(async || create_lease(channel.clone(), &namespace).await).await?;
-    Backend::new(channel, "overlayfs", Box::new(daemon))?
+    Backend::new(channel, "overlayfs", daemon)?
         .with_metadata("containerd-namespace", &namespace)?
         .with_metadata("containerd-lease", &lease)?
         .with_snapshots_dir(snapshots)

@@ -21,30 +21,31 @@ use nix::unistd::Pid;
 
 use tonic::transport::Channel;
 
-/// A running daemon and the directory it owns.
+/// How to start a daemon; called again for a restart.
+pub type CommandFn = Box<dyn Fn() -> Command + Send + Sync>;
+
+/// A daemon, its socket and the directory it owns; it can be restarted
+/// on the same directory.
 pub struct Daemon {
-    child: Child,
+    command: CommandFn,
+    socket: PathBuf,
+    child: Option<Child>,
     dir: tempfile::TempDir,
     log: PathBuf,
 }
 
 impl Daemon {
-    /// Starts `command` with stdout and stderr sent to `<dir>/<name>.log`.
-    pub fn spawn(mut command: Command, dir: tempfile::TempDir, name: &str) -> Result<Self> {
+    /// A daemon that will run `command()` with stdout and stderr appended
+    /// to `<dir>/<name>.log` and serve on `socket`.
+    pub fn new(dir: tempfile::TempDir, name: &str, socket: PathBuf, command: CommandFn) -> Self {
         let log = dir.path().join(format!("{name}.log"));
-        let out = File::create(&log)?;
-        command
-            .stdin(Stdio::null())
-            .stdout(out.try_clone()?)
-            .stderr(out);
-        let child = command
-            .spawn()
-            .with_context(|| format!("spawn {command:?}"))?;
-        Ok(Self { child, dir, log })
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
+        Self {
+            command,
+            socket,
+            child: None,
+            dir,
+            log,
+        }
     }
 
     /// The last lines the daemon printed, for error messages.
@@ -54,18 +55,38 @@ impl Daemon {
         lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
-    /// Waits until the daemon accepts connections on `socket`.
-    pub async fn wait_for_socket(&mut self, socket: &Path) -> Result<Channel> {
+    /// Spawns the daemon and waits until it accepts connections.
+    pub async fn start(&mut self) -> Result<Channel> {
+        let out = File::options().create(true).append(true).open(&self.log)?;
+        let mut command = (self.command)();
+        command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out);
+        let child = command
+            .spawn()
+            .with_context(|| format!("spawn {command:?}"))?;
+        self.child = Some(child);
+        self.wait_for_socket().await
+    }
+
+    async fn wait_for_socket(&mut self) -> Result<Channel> {
         let deadline = Instant::now() + STARTUP;
         loop {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .map(Child::try_wait)
+                .transpose()?
+                .flatten()
+            {
                 bail!(
                     "daemon exited with {status} before serving:\n{}",
                     self.log_tail()
                 );
             }
-            if socket.exists() {
-                match crate::snapshotter::connect_unix(socket).await {
+            if self.socket.exists() {
+                match crate::snapshotter::connect_unix(&self.socket).await {
                     Ok(channel) => return Ok(channel),
                     Err(err) if Instant::now() > deadline => return Err(err),
                     Err(_) => {}
@@ -74,14 +95,55 @@ impl Daemon {
             if Instant::now() > deadline {
                 bail!(
                     "no socket at {} after {STARTUP:?}:\n{}",
-                    socket.display(),
+                    self.socket.display(),
                     self.log_tail()
                 );
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
+
+    /// Sends SIGTERM and waits for the exit, without blocking the runtime
+    /// (clients on it stay responsive). Returns how long the exit took;
+    /// after [`STOP`] the daemon is killed and that is an error.
+    pub async fn stop(&mut self) -> Result<Duration> {
+        let Some(mut child) = self.child.take() else {
+            return Ok(Duration::ZERO);
+        };
+        let started = Instant::now();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        while child.try_wait()?.is_none() {
+            if started.elapsed() > STOP {
+                child.kill()?;
+                child.wait()?;
+                bail!("still running {STOP:?} after SIGTERM:\n{}", self.log_tail());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(started.elapsed())
+    }
 }
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + STOP;
+            while matches!(child.try_wait(), Ok(None)) {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        unmount_under(self.dir.path());
+    }
+}
+
+/// How long a daemon may take to exit after SIGTERM.
+pub const STOP: Duration = Duration::from_secs(5);
 
 /// How long a daemon may take to serve.
 pub const STARTUP: Duration = Duration::from_secs(20);
@@ -101,23 +163,6 @@ pub async fn retry_unavailable<T>(
             }
             result => return Ok(result?),
         }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let pid = Pid::from_raw(self.child.id() as i32);
-        let _ = kill(pid, Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while matches!(self.child.try_wait(), Ok(None)) {
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        unmount_under(self.dir.path());
     }
 }
 

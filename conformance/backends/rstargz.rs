@@ -13,18 +13,28 @@ pub async fn start() -> Result<Backend> {
         .tempdir()?;
     let socket = dir.path().join("rstargz.sock");
     let root = dir.path().join("root");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_rstargz-grpc"));
-    command
-        .arg("--address")
-        .arg(&socket)
-        .arg("--root")
-        .arg(&root)
-        .arg("--log-level")
-        .arg("debug");
-    let mut daemon = Daemon::spawn(command, dir, "rstargz-grpc")?;
-    let channel = daemon.wait_for_socket(&socket).await?;
+    let mut daemon = Daemon::new(
+        dir,
+        "rstargz-grpc",
+        socket.clone(),
+        Box::new({
+            let root = root.clone();
+            move || {
+                let mut command = Command::new(env!("CARGO_BIN_EXE_rstargz-grpc"));
+                command
+                    .arg("--address")
+                    .arg(&socket)
+                    .arg("--root")
+                    .arg(&root)
+                    .arg("--log-level")
+                    .arg("debug");
+                command
+            }
+        }),
+    );
+    let channel = daemon.start().await?;
     // containerd's proxy client forwards the namespace header too.
-    Backend::new(channel, "rstargz", Box::new(daemon))?
+    Backend::new(channel, "rstargz", daemon)?
         .with_metadata("containerd-namespace", "conformance")?
         .with_snapshots_dir(root.join("snapshots"))
         .ready()

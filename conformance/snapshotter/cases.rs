@@ -84,6 +84,8 @@ macro_rules! for_each_case {
             prepare_labels_too_large,
             commit_labels_too_large,
             cleanup_removes_dirs_of_removed_snapshots,
+            restart_stops_promptly_with_client_connected,
+            restart_keeps_snapshots_and_data,
         );
     };
 }
@@ -1296,5 +1298,75 @@ pub async fn cleanup_removes_dirs_of_removed_snapshots(b: &Backend) -> Result<()
         cleanup().await?;
     }
     assert!(live.is_dir(), "Cleanup removed a live snapshot's dir");
+    Ok(())
+}
+
+// ---------------------------------------------------------------- restart
+
+/// containerd keeps its connection to a proxy snapshotter open; a SIGTERM
+/// must not wait for it to go away.
+pub async fn restart_stops_promptly_with_client_connected(b: &Backend) -> Result<()> {
+    b.prepare("rs-prompt", "", no_labels()).await?;
+    let stopped = b.restart().await?;
+    assert!(stopped < Duration::from_secs(3), "SIGTERM took {stopped:?}");
+    assert_eq!(kind(&b.stat("rs-prompt").await?), Kind::Active);
+    Ok(())
+}
+
+pub async fn restart_keeps_snapshots_and_data(b: &Backend) -> Result<()> {
+    let layers = chain(b, "rs", 2).await?;
+    b.update(info_with(&layers[0], labels([("l", "1")])), &["labels"])
+        .await?;
+    let mounts = b
+        .prepare("rs-active", &layers[1], labels([("a", "b")]))
+        .await?;
+    {
+        let mounted = mount_all(&mounts, &b.scratch_dir("rs-active")?)?;
+        write_files(mounted.path(), &[("before-restart", "kept")])?;
+    }
+    let view_mounts = b.view("rs-view", &layers[0], no_labels()).await?;
+    let keys = ["rs-1", "rs-2", "rs-active", "rs-view"];
+    let mut before = Vec::new();
+    for key in keys {
+        before.push(b.stat(key).await?);
+    }
+    let usage = b.usage("rs-1").await?;
+
+    b.restart().await?;
+
+    for (key, info) in keys.iter().zip(&before) {
+        assert_eq!(&b.stat(key).await?, info, "Stat({key}) after restart");
+    }
+    assert_eq!(b.list_names("rs-", &[]).await?, names(keys));
+    assert_eq!(
+        b.mounts("rs-active").await?,
+        mounts,
+        "Mounts(active) after restart"
+    );
+    assert_eq!(
+        b.mounts("rs-view").await?,
+        view_mounts,
+        "Mounts(view) after restart"
+    );
+    assert_eq!(
+        b.usage("rs-1").await?,
+        usage,
+        "Usage(committed) after restart"
+    );
+    {
+        let mounted = mount_all(&mounts, &b.scratch_dir("rs-active-2")?)?;
+        assert_eq!(read(&mounted.path().join("before-restart"))?, "kept");
+        assert_eq!(read(&mounted.path().join("file1"))?, "layer 1");
+    }
+    b.commit("rs-3", "rs-active", no_labels()).await?;
+    b.remove("rs-view").await?;
+    expect_code(
+        b.remove("rs-1").await,
+        Code::FailedPrecondition,
+        "parent after restart",
+    );
+    let mounts = b.view("rs-view-3", "rs-3", no_labels()).await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir("rs-view-3")?)?;
+    assert_eq!(read(&mounted.path().join("before-restart"))?, "kept");
     Ok(())
 }

@@ -28,15 +28,17 @@ use rstargz::proto::types::Mount;
 use tonic::metadata::{MetadataKey, MetadataValue};
 use tonic::transport::Channel;
 
+use crate::backends::Daemon;
+
 /// Labels as the API carries them.
 pub type Labels = HashMap<String, String>;
 
 /// One snapshotter under test, reached over its gRPC socket.
 ///
-/// Field order matters: the client is dropped before the process guard,
-/// which stops the daemon and unmounts and removes its directories.
+/// Field order matters: the client is dropped before the daemon, which
+/// stops the process and unmounts and removes its directories.
 pub struct Backend {
-    client: SnapshotsClient<Channel>,
+    client: std::sync::Mutex<SnapshotsClient<Channel>>,
     snapshotter: String,
     metadata: Vec<(
         MetadataKey<tonic::metadata::Ascii>,
@@ -45,19 +47,14 @@ pub struct Backend {
     snapshots_dir: Option<PathBuf>,
     cleanup_implemented: bool,
     scratch: tempfile::TempDir,
-    _daemon: Box<dyn Send>,
+    daemon: tokio::sync::Mutex<Daemon>,
 }
 
 impl Backend {
-    /// `daemon` is whatever keeps the snapshotter alive; dropping it must
-    /// stop the process and release everything it made.
-    pub fn new(
-        channel: Channel,
-        snapshotter: impl Into<String>,
-        daemon: Box<dyn Send>,
-    ) -> Result<Self> {
+    /// `channel` is connected to `daemon`, already started.
+    pub fn new(channel: Channel, snapshotter: impl Into<String>, daemon: Daemon) -> Result<Self> {
         Ok(Self {
-            client: SnapshotsClient::new(channel),
+            client: std::sync::Mutex::new(SnapshotsClient::new(channel)),
             snapshotter: snapshotter.into(),
             metadata: Vec::new(),
             snapshots_dir: None,
@@ -65,7 +62,7 @@ impl Backend {
             scratch: tempfile::Builder::new()
                 .prefix("conformance-mnt")
                 .tempdir()?,
-            _daemon: daemon,
+            daemon: tokio::sync::Mutex::new(daemon),
         })
     }
 
@@ -104,16 +101,37 @@ impl Backend {
         Ok(dir)
     }
 
+    /// Stops the daemon with SIGTERM while this client is still connected,
+    /// starts it again on the same directories and reconnects. Returns how
+    /// long the stop took.
+    pub async fn restart(&self) -> Result<std::time::Duration> {
+        let mut daemon = self.daemon.lock().await;
+        let stopped = daemon.stop().await?;
+        let channel = daemon.start().await?;
+        *self.client.lock().expect("client lock") = SnapshotsClient::new(channel);
+        drop(daemon);
+        self.wait_ready().await?;
+        Ok(stopped)
+    }
+
     /// Waits until the snapshots service answers.
     pub async fn ready(self) -> Result<Self> {
+        self.wait_ready().await?;
+        Ok(self)
+    }
+
+    async fn wait_ready(&self) -> Result<()> {
         let probe = crate::backends::retry_unavailable(async || {
             match self.stat("conformance-probe").await {
                 Err(status) if status.code() == tonic::Code::Unavailable => Err(status),
                 _ => Ok(()),
             }
         });
-        probe.await?;
-        Ok(self)
+        probe.await
+    }
+
+    fn client(&self) -> SnapshotsClient<Channel> {
+        self.client.lock().expect("client lock").clone()
     }
 
     fn request<T>(&self, message: T) -> tonic::Request<T> {
@@ -140,13 +158,7 @@ impl Backend {
             parent: parent.into(),
             labels,
         });
-        Ok(self
-            .client
-            .clone()
-            .prepare(request)
-            .await?
-            .into_inner()
-            .mounts)
+        Ok(self.client().prepare(request).await?.into_inner().mounts)
     }
 
     pub async fn view(
@@ -161,7 +173,7 @@ impl Backend {
             parent: parent.into(),
             labels,
         });
-        Ok(self.client.clone().view(request).await?.into_inner().mounts)
+        Ok(self.client().view(request).await?.into_inner().mounts)
     }
 
     pub async fn mounts(&self, key: &str) -> Result<Vec<Mount>, tonic::Status> {
@@ -169,13 +181,7 @@ impl Backend {
             snapshotter: self.sn(),
             key: key.into(),
         });
-        Ok(self
-            .client
-            .clone()
-            .mounts(request)
-            .await?
-            .into_inner()
-            .mounts)
+        Ok(self.client().mounts(request).await?.into_inner().mounts)
     }
 
     pub async fn commit(&self, name: &str, key: &str, labels: Labels) -> Result<(), tonic::Status> {
@@ -185,7 +191,7 @@ impl Backend {
             key: key.into(),
             labels,
         });
-        self.client.clone().commit(request).await?;
+        self.client().commit(request).await?;
         Ok(())
     }
 
@@ -194,7 +200,7 @@ impl Backend {
             snapshotter: self.sn(),
             key: key.into(),
         });
-        self.client.clone().remove(request).await?;
+        self.client().remove(request).await?;
         Ok(())
     }
 
@@ -203,7 +209,7 @@ impl Backend {
             snapshotter: self.sn(),
             key: key.into(),
         });
-        let info = self.client.clone().stat(request).await?.into_inner().info;
+        let info = self.client().stat(request).await?.into_inner().info;
         info.ok_or_else(|| tonic::Status::internal("Stat answered without info"))
     }
 
@@ -215,7 +221,7 @@ impl Backend {
                 paths: paths.iter().map(|p| p.to_string()).collect(),
             }),
         });
-        let info = self.client.clone().update(request).await?.into_inner().info;
+        let info = self.client().update(request).await?.into_inner().info;
         info.ok_or_else(|| tonic::Status::internal("Update answered without info"))
     }
 
@@ -225,7 +231,7 @@ impl Backend {
             snapshotter: self.sn(),
             filters: filters.iter().map(|f| f.to_string()).collect(),
         });
-        let mut stream = self.client.clone().list(request).await?.into_inner();
+        let mut stream = self.client().list(request).await?.into_inner();
         let mut infos = Vec::new();
         while let Some(batch) = stream.message().await? {
             infos.extend(batch.info);
@@ -254,14 +260,14 @@ impl Backend {
             snapshotter: self.sn(),
             key: key.into(),
         });
-        Ok(self.client.clone().usage(request).await?.into_inner())
+        Ok(self.client().usage(request).await?.into_inner())
     }
 
     pub async fn cleanup(&self) -> Result<(), tonic::Status> {
         let request = self.request(CleanupRequest {
             snapshotter: self.sn(),
         });
-        self.client.clone().cleanup(request).await?;
+        self.client().cleanup(request).await?;
         Ok(())
     }
 }
