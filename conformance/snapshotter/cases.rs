@@ -41,6 +41,7 @@ macro_rules! for_each_case {
             mount_ownership_and_modes_preserved,
             mount_rename_from_lower_layer,
             mount_deep_chain,
+            mount_xattrs_preserved,
             mounts_of_committed,
             stat_info_fields,
             stat_commit_labels_replace_active_labels,
@@ -65,6 +66,7 @@ macro_rules! for_each_case {
             usage_of_committed_matches_active,
             usage_missing_is_not_found,
             usage_of_view,
+            usage_excludes_parents,
             list_all_and_kinds,
             list_filter_name_and_parent,
             list_filter_labels,
@@ -84,6 +86,8 @@ macro_rules! for_each_case {
             prepare_labels_too_large,
             commit_labels_too_large,
             cleanup_removes_dirs_of_removed_snapshots,
+            concurrent_prepares_of_one_key_one_wins,
+            concurrent_chains,
             restart_stops_promptly_with_client_connected,
             restart_keeps_snapshots_and_data,
         );
@@ -520,6 +524,69 @@ pub async fn mount_deep_chain(b: &Backend) -> Result<()> {
     Ok(())
 }
 
+fn set_xattr(path: &Path, name: &str, value: &[u8]) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let name = std::ffi::CString::new(name)?;
+    // SAFETY: both strings are NUL-terminated and outlive the call; the
+    // value pointer and length describe one live slice.
+    let rc = unsafe {
+        libc::lsetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    ensure!(rc == 0, "lsetxattr: {}", std::io::Error::last_os_error());
+    Ok(())
+}
+
+fn get_xattr(path: &Path, name: &str) -> Result<Vec<u8>> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let name = std::ffi::CString::new(name)?;
+    let mut buf = vec![0u8; 256];
+    // SAFETY: as in `set_xattr`; the buffer is writable for its length.
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    ensure!(n >= 0, "lgetxattr: {}", std::io::Error::last_os_error());
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// Extended attributes set in a layer survive commit, and a copy-up in a
+/// child layer keeps them.
+pub async fn mount_xattrs_preserved(b: &Backend) -> Result<()> {
+    let mounts = b.prepare("sem-xa-a", "", no_labels()).await?;
+    {
+        let mounted = mount_all(&mounts, &b.scratch_dir("sem-xa-a")?)?;
+        write_files(mounted.path(), &[("f", "x")])?;
+        set_xattr(&mounted.path().join("f"), "user.conformance", b"v1")?;
+    }
+    b.commit("sem-xa-1", "sem-xa-a", no_labels()).await?;
+    let mounts = b.prepare("sem-xa-b", "sem-xa-1", no_labels()).await?;
+    {
+        let mounted = mount_all(&mounts, &b.scratch_dir("sem-xa-b")?)?;
+        // Writing copies the file up into this layer.
+        std::fs::write(mounted.path().join("f"), "xy")?;
+    }
+    b.commit("sem-xa-2", "sem-xa-b", no_labels()).await?;
+    let mounts = b.view("sem-xa-v", "sem-xa-2", no_labels()).await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir("sem-xa-v")?)?;
+    let f = mounted.path().join("f");
+    assert_eq!(read(&f)?, "xy");
+    assert_eq!(get_xattr(&f, "user.conformance")?, b"v1");
+    Ok(())
+}
+
 /// A committed snapshot has no mounts of its own: containerd's overlayfs
 /// answers that it is not active.
 pub async fn mounts_of_committed(b: &Backend) -> Result<()> {
@@ -748,6 +815,12 @@ pub async fn update_missing_is_not_found(b: &Backend) -> Result<()> {
         Code::NotFound,
         "Update(missing)",
     );
+    let info = info_with("", labels([("a", "1")]));
+    expect_code(
+        b.update(info, &["labels.a"]).await,
+        Code::InvalidArgument,
+        "Update(\"\")",
+    );
     Ok(())
 }
 
@@ -917,6 +990,20 @@ pub async fn usage_of_view(b: &Backend) -> Result<()> {
     b.view("usage-v", "usage-v-c", no_labels()).await?;
     let usage = b.usage("usage-v").await?;
     assert_eq!((usage.size, usage.inodes), (0, 0), "{usage:?}");
+    Ok(())
+}
+
+/// An active snapshot's usage counts its own layer, not its parents'.
+pub async fn usage_excludes_parents(b: &Backend) -> Result<()> {
+    fill(b, "usage-x-a", "").await?;
+    b.commit("usage-x-c", "usage-x-a", no_labels()).await?;
+    b.prepare("usage-x-child", "usage-x-c", no_labels()).await?;
+    let usage = b.usage("usage-x-child").await?;
+    assert!(
+        usage.size < (WRITTEN / 4) as i64,
+        "{usage:?} counts the parent"
+    );
+    assert!(usage.inodes < FILES, "{usage:?} counts the parent");
     Ok(())
 }
 
@@ -1236,6 +1323,12 @@ pub async fn prepare_labels_too_large(b: &Backend) -> Result<()> {
     let at_limit = labels([(key, &"x".repeat(4096 - key.len()))]);
     b.prepare("big-ok", "", at_limit.clone()).await?;
     assert_eq!(b.stat("big-ok").await?.labels, at_limit);
+    // The limit is per label, not for the whole map.
+    let many: Labels = (0..8)
+        .map(|i| (format!("conformance/{i}"), "v".repeat(3000)))
+        .collect();
+    b.prepare("big-many", "", many.clone()).await?;
+    assert_eq!(b.stat("big-many").await?.labels, many);
     Ok(())
 }
 
@@ -1299,6 +1392,69 @@ pub async fn cleanup_removes_dirs_of_removed_snapshots(b: &Backend) -> Result<()
     }
     assert!(live.is_dir(), "Cleanup removed a live snapshot's dir");
     Ok(())
+}
+
+// ------------------------------------------------------------ concurrency
+
+/// Eight Prepares of one key at once: exactly one succeeds.
+pub async fn concurrent_prepares_of_one_key_one_wins(b: &Backend) -> Result<()> {
+    let results = futures_join(8, |_| b.prepare("conc-one", "", no_labels())).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 1, "{results:?}");
+    for r in results.into_iter().filter(|r| r.is_err()) {
+        expect_code(r, Code::AlreadyExists, "concurrent Prepare of one key");
+    }
+    Ok(())
+}
+
+/// Four chains built at once each end up whole.
+pub async fn concurrent_chains(b: &Backend) -> Result<()> {
+    let results = futures_join(4, |i| {
+        let prefix = format!("conc-chain{i}");
+        async move { chain(b, &prefix, 3).await }
+    })
+    .await;
+    for (i, result) in results.into_iter().enumerate() {
+        let layers = result?;
+        let info = b.stat(&layers[2]).await?;
+        assert_eq!(info.parent, format!("conc-chain{i}-2"));
+        let mounts = b
+            .view(&format!("conc-chain{i}-v"), &layers[2], no_labels())
+            .await?;
+        let mounted = mount_all(&mounts, &b.scratch_dir(&format!("conc-chain{i}-v"))?)?;
+        assert_eq!(read(&mounted.path().join("layer"))?, "layer 3");
+    }
+    Ok(())
+}
+
+/// Runs `n` futures concurrently on the current task and collects their
+/// outputs in order.
+async fn futures_join<F, T>(n: usize, make: impl Fn(usize) -> F) -> Vec<T>
+where
+    F: std::future::Future<Output = T>,
+{
+    let mut set: Vec<std::pin::Pin<Box<F>>> = (0..n).map(|i| Box::pin(make(i))).collect();
+    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, fut) in out.iter_mut().zip(set.iter_mut()) {
+            if slot.is_none() {
+                match fut.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|v| v.expect("polled to completion"))
+        .collect()
 }
 
 // ---------------------------------------------------------------- restart
