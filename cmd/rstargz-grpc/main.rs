@@ -49,6 +49,19 @@ fn load(flags: Flags) -> Result<Config, String> {
     Ok(config)
 }
 
+/// A plain level applies to rstargz; libraries (h2, hyper, tonic) stay at
+/// `warn` unless the level is quieter. Directives pass through unchanged.
+fn filter_directives(level: &str) -> String {
+    if level.contains('=') {
+        return level.to_string();
+    }
+    let deps = match level.to_ascii_lowercase().as_str() {
+        "off" | "error" => level.to_string(),
+        _ => "warn".to_string(),
+    };
+    format!("{deps},rstargz={level},rstargz_grpc={level}")
+}
+
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let (mut int, mut term) = match (
@@ -76,7 +89,10 @@ fn main() -> ExitCode {
         }
     };
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&config.log_level))
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter_directives(
+            &config.log_level,
+        )))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread()
