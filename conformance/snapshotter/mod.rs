@@ -10,6 +10,31 @@
 //! - [`mounts`]: mounts a `Vec<Mount>` for real, as containerd would.
 //! - [`for_each_case!`](crate::for_each_case): the list of cases; `main.rs`
 //!   turns it into one `#[test]` per case per backend.
+//!
+//! # containerd's metadata layer versus a bare snapshotter
+//!
+//! The reference is what containerd's clients see: containerd's snapshots
+//! service answers through its metadata layer, which wraps the overlayfs
+//! snapshotter. A proxy snapshotter such as `rstargz-grpc` sits *under*
+//! that layer in production, yet is driven here directly, so it must
+//! answer as the combination does. Behaviour that comes from the metadata
+//! layer rather than from overlayfs:
+//!
+//! - keys are per namespace (`containerd-namespace` metadata); overlayfs
+//!   itself sees `<ns>/<n>/<key>`;
+//! - labels are stored by the metadata layer, validated there (4096 bytes
+//!   per key+value, not per map) and empty values are not stored;
+//! - an empty key or name fails inside its database and reaches the wire
+//!   as `Unknown`; a malformed List filter also arrives as `Unknown`;
+//! - snapshots nothing refers to are garbage-collected: the containerd
+//!   backend holds a lease, as containerd's clients do, and directories of
+//!   removed snapshots disappear when the collector runs, not in Remove;
+//! - the Cleanup RPC is `Unimplemented` in containerd 1.6 (the collector
+//!   does the work); a proxy snapshotter is expected to implement it.
+//!
+//! From overlayfs (`storage`) itself: "parent is not committed" is
+//! `InvalidArgument`, "snapshot is not active" (Commit or Mounts of a
+//! committed snapshot, Commit of a view) is `FailedPrecondition`.
 
 pub mod cases;
 pub mod mounts;
