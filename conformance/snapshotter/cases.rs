@@ -72,6 +72,8 @@ macro_rules! for_each_case {
             list_filter_labels,
             list_filters_or_and_comma_and,
             prepare_empty_key,
+            keys_with_odd_characters,
+            prepare_with_remote_ref_label,
             prepare_duplicate_key,
             prepare_missing_parent,
             prepare_on_active_parent,
@@ -738,13 +740,19 @@ pub async fn update_changes_updated_at_only(b: &Backend) -> Result<()> {
 pub async fn update_label_by_field_path(b: &Backend) -> Result<()> {
     b.prepare("upd-path", "", labels([("keep", "k"), ("foo", "old")]))
         .await?;
-    let sent = labels([("foo", "new"), ("ignored", "not in mask")]);
-    let info = b
-        .update(info_with("upd-path", sent), &["labels.foo"])
-        .await?;
+    // Fields outside the mask are ignored, the read-only ones included.
+    let sent = Info {
+        name: "upd-path".into(),
+        parent: "not-a-parent".into(),
+        kind: Kind::Committed as i32,
+        labels: labels([("foo", "new"), ("ignored", "not in mask")]),
+        ..Default::default()
+    };
+    let info = b.update(sent, &["labels.foo"]).await?;
     let want = labels([("keep", "k"), ("foo", "new")]);
     assert_eq!(info.labels, want);
-    assert_eq!(b.stat("upd-path").await?.labels, want);
+    assert_eq!((info.parent.as_str(), kind(&info)), ("", Kind::Active));
+    assert_eq!(b.stat("upd-path").await?, info);
     Ok(())
 }
 
@@ -1135,6 +1143,107 @@ pub async fn prepare_empty_key(b: &Backend) -> Result<()> {
     assert!(
         listed.iter().all(|i| !i.name.is_empty()),
         "a snapshot without name: {listed:?}"
+    );
+    Ok(())
+}
+
+/// Keys are opaque strings: containerd's unpacker uses keys such as
+/// `extract-<n> sha256:<chain id>`, and none of these may be taken as a
+/// path.
+pub async fn keys_with_odd_characters(b: &Backend) -> Result<()> {
+    let long = format!("odd-long-{}", "k".repeat(2000));
+    let keys = [
+        "odd-extract-1 sha256:4a7f2c0e5b9d8e1f3a6c7b2d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f",
+        "odd/with/slashes",
+        "odd-../../../escape",
+        "..",
+        ".",
+        "odd-ключ-键-🔑",
+        "odd-tab\tand\nnewline",
+        long.as_str(),
+    ];
+    for (i, key) in keys.iter().enumerate() {
+        let name = format!("{key}-committed");
+        layer(b, &name, "", &[("n", &i.to_string())], &[]).await?;
+        let child = format!("{key}-child");
+        b.prepare(&child, &name, no_labels()).await?;
+        let info = b.stat(&child).await?;
+        assert_eq!(
+            (info.name.as_str(), info.parent.as_str()),
+            (child.as_str(), name.as_str())
+        );
+        let mounted = mount_all(
+            &b.mounts(&child).await?,
+            &b.scratch_dir(&format!("odd-{i}"))?,
+        )?;
+        assert_eq!(read(&mounted.path().join("n"))?, i.to_string(), "{key:?}");
+        drop(mounted);
+        let listed = b.list(&[]).await?;
+        assert!(listed.iter().any(|i| i.name == name), "{name:?} not listed");
+        b.remove(&child).await?;
+        b.remove(&name).await?;
+        expect_code(b.stat(&name).await, Code::NotFound, "Stat after Remove");
+    }
+    if let Some(root) = b.snapshots_dir() {
+        let outside = root.parent().context("snapshots dir has a parent")?;
+        for entry in std::fs::read_dir(outside)? {
+            let name = entry?.file_name();
+            assert!(
+                !name.to_string_lossy().contains("escape"),
+                "a key became a path: {name:?} in {outside:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `containerd.io/snapshot.ref` names the committed snapshot a Prepare is
+/// meant to become (containerd's unpacker). Without a remote layer to
+/// mount (overlayfs never has one) the Prepare is an ordinary one: an
+/// empty active snapshot with its labels, for containerd to unpack into
+/// and commit.
+pub async fn prepare_with_remote_ref_label(b: &Backend) -> Result<()> {
+    let chain_id = "sha256:6c3c624b58dbbcd3c0dd82b4c53f04194d1247c6eebdaab7c610cf7d66709b3b";
+    let key = format!("extract-1 {chain_id}");
+    let l = labels([
+        ("containerd.io/snapshot.ref", chain_id),
+        (
+            "containerd.io/snapshot/cri.layer-digest",
+            "sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ),
+    ]);
+    let mounts = b.prepare(&key, "", l.clone()).await?;
+    let info = b.stat(&key).await?;
+    assert_eq!(kind(&info), Kind::Active);
+    assert_eq!(info.labels, l);
+    {
+        let mounted = mount_all(&mounts, &b.scratch_dir("remote-ref")?)?;
+        ensure!(
+            std::fs::read_dir(mounted.path())?.next().is_none(),
+            "not empty"
+        );
+        write_files(mounted.path(), &[("unpacked", "u")])?;
+    }
+    b.commit(chain_id, &key, no_labels()).await?;
+    assert_eq!(kind(&b.stat(chain_id).await?), Kind::Committed);
+    // Once the target exists, containerd answers a Prepare naming it with
+    // AlreadyExists ("target snapshot"), the signal to skip the unpack.
+    expect_code(
+        b.prepare("extract-2", "", l).await,
+        Code::AlreadyExists,
+        "Prepare of an existing target",
+    );
+    expect_code(
+        b.stat("extract-2").await,
+        Code::NotFound,
+        "nothing left behind",
+    );
+    // Without the label, a second unpack only fails at Commit.
+    b.prepare("extract-3", "", no_labels()).await?;
+    expect_code(
+        b.commit(chain_id, "extract-3", no_labels()).await,
+        Code::AlreadyExists,
+        "second commit",
     );
     Ok(())
 }

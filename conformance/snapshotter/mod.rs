@@ -120,8 +120,16 @@ impl Backend {
     }
 
     /// A fresh empty directory for a test's mount points and files.
+    /// `name` only makes it recognisable: keys may hold any character.
     pub fn scratch_dir(&self, name: &str) -> Result<PathBuf> {
-        let dir = self.scratch.path().join(name);
+        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let readable: String = name
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(48)
+            .collect();
+        let dir = self.scratch.path().join(format!("{n}-{readable}"));
         std::fs::create_dir_all(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
         Ok(dir)
     }
