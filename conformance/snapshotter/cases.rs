@@ -71,6 +71,7 @@ macro_rules! for_each_case {
             list_filter_name_and_parent,
             list_filter_labels,
             list_filters_or_and_comma_and,
+            list_streams_large_results,
             prepare_empty_key,
             keys_with_odd_characters,
             prepare_with_remote_ref_label,
@@ -268,6 +269,12 @@ pub async fn mounts_active_with_parents_is_overlay_nearest_first(b: &Backend) ->
         let upper = option(&m, "upperdir").unwrap_or_else(|| panic!("no upperdir: {m:?}"));
         let work = option(&m, "workdir").unwrap_or_else(|| panic!("no workdir: {m:?}"));
         assert_ne!(upper, work);
+        if let Some(root) = b.snapshots_dir() {
+            let lowers = option(&m, "lowerdir").unwrap_or_default().split(':');
+            for dir in lowers.chain([upper, work]) {
+                assert!(Path::new(dir).starts_with(root), "{dir} not under {root:?}");
+            }
+        }
         ensure!(
             std::fs::read_dir(upper)?.next().is_none(),
             "upperdir of a new active is empty"
@@ -1048,7 +1055,12 @@ pub async fn list_all_and_kinds(b: &Backend) -> Result<()> {
     let all = names(["lst-1", "lst-2", "lst-3", "lst-a", "lst-v", "lst-b"]);
     assert_eq!(b.list_names("lst-", &[]).await?, all);
     let infos = b.list(&[]).await?;
-    for info in infos.iter().filter(|i| i.name.starts_with("lst-")) {
+    let ours: Vec<&Info> = infos
+        .iter()
+        .filter(|i| i.name.starts_with("lst-"))
+        .collect();
+    assert_eq!(ours.len(), all.len(), "each snapshot listed once: {ours:?}");
+    for info in ours {
         assert_eq!(info, &b.stat(&info.name).await?, "List and Stat agree");
     }
     let filters = [
@@ -1117,6 +1129,37 @@ pub async fn list_filters_or_and_comma_and(b: &Backend) -> Result<()> {
         EMPTY_NAME_CODES,
         "malformed filter",
     );
+    Ok(())
+}
+
+/// 160 snapshots with 32 KB of labels each: 5 MB of answers, more than
+/// one gRPC message may carry by default (4 MiB), so List must stream
+/// them in several messages. containerd sends batches of 100 snapshots
+/// whatever their size (so 32 snapshots of 160 KB would already fail).
+pub async fn list_streams_large_results(b: &Backend) -> Result<()> {
+    let big: Labels = (0..8)
+        .map(|i| (format!("conformance/big{i}"), "v".repeat(4000)))
+        .collect();
+    for batch in 0..10 {
+        let results = futures_join(16, |i| {
+            let key = format!("big-list-{:03}", batch * 16 + i);
+            let big = big.clone();
+            async move { b.prepare(&key, "", big).await }
+        })
+        .await;
+        for result in results {
+            result?;
+        }
+    }
+    let infos = b.list(&[]).await?;
+    let ours: Vec<&Info> = infos
+        .iter()
+        .filter(|i| i.name.starts_with("big-list-"))
+        .collect();
+    assert_eq!(ours.len(), 160, "each snapshot listed once");
+    let distinct: BTreeSet<&str> = ours.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(distinct.len(), 160);
+    assert!(ours.iter().all(|i| i.labels == big), "labels intact");
     Ok(())
 }
 
