@@ -82,7 +82,6 @@ impl Layout {
         mk(&tmp, 0o700)?;
         let built = mk(&tmp.join("fs"), 0o755)
             .and_then(|_| mk(&tmp.join("work"), 0o711))
-            .and_then(|_| fsync_dir(&tmp.join("fs")))
             .and_then(|_| fsync_dir(&tmp));
         if let Err(e) = built {
             let _ = fs::remove_dir_all(&tmp);
