@@ -41,6 +41,7 @@ macro_rules! for_each_case {
             mount_ownership_and_modes_preserved,
             mount_rename_from_lower_layer,
             mount_deep_chain,
+            mount_commit_while_mounted,
             mount_xattrs_preserved,
             mounts_of_committed,
             stat_info_fields,
@@ -515,6 +516,19 @@ pub async fn mount_rename_from_lower_layer(b: &Backend) -> Result<()> {
     Ok(())
 }
 
+/// Committing does not need the active to be unmounted first.
+pub async fn mount_commit_while_mounted(b: &Backend) -> Result<()> {
+    let mounts = b.prepare("sem-cwm-a", "", no_labels()).await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir("sem-cwm-a")?)?;
+    write_files(mounted.path(), &[("f", "before commit")])?;
+    b.commit("sem-cwm-1", "sem-cwm-a", no_labels()).await?;
+    drop(mounted);
+    let mounts = b.view("sem-cwm-v", "sem-cwm-1", no_labels()).await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir("sem-cwm-v")?)?;
+    assert_eq!(read(&mounted.path().join("f"))?, "before commit");
+    Ok(())
+}
+
 /// Sixteen layers: every one visible, the top one winning.
 pub async fn mount_deep_chain(b: &Backend) -> Result<()> {
     let layers = chain(b, "deep", 16).await?;
@@ -752,11 +766,18 @@ pub async fn update_label_by_field_path(b: &Backend) -> Result<()> {
         name: "upd-path".into(),
         parent: "not-a-parent".into(),
         kind: Kind::Committed as i32,
-        labels: labels([("foo", "new"), ("ignored", "not in mask")]),
+        labels: labels([
+            ("foo", "new"),
+            ("ignored", "not in mask"),
+            ("example.com/a.b", "dotted"),
+        ]),
         ..Default::default()
     };
-    let info = b.update(sent, &["labels.foo"]).await?;
-    let want = labels([("keep", "k"), ("foo", "new")]);
+    // Everything after `labels.` is the key, dots included.
+    let info = b
+        .update(sent, &["labels.foo", "labels.example.com/a.b"])
+        .await?;
+    let want = labels([("keep", "k"), ("foo", "new"), ("example.com/a.b", "dotted")]);
     assert_eq!(info.labels, want);
     assert_eq!((info.parent.as_str(), kind(&info)), ("", Kind::Active));
     assert_eq!(b.stat("upd-path").await?, info);
