@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use nix::mount::{MntFlags, umount2};
-use nix::sys::signal::{Signal, kill};
+pub use nix::sys::signal::Signal;
+use nix::sys::signal::kill;
 use nix::unistd::Pid;
 
 use tonic::transport::Channel;
@@ -103,20 +104,23 @@ impl Daemon {
         }
     }
 
-    /// Sends SIGTERM and waits for the exit, without blocking the runtime
+    /// Sends `signal` and waits for the exit, without blocking the runtime
     /// (clients on it stay responsive). Returns how long the exit took;
     /// after [`STOP`] the daemon is killed and that is an error.
-    pub async fn stop(&mut self) -> Result<Duration> {
+    pub async fn stop(&mut self, signal: Signal) -> Result<Duration> {
         let Some(mut child) = self.child.take() else {
             return Ok(Duration::ZERO);
         };
         let started = Instant::now();
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM)?;
+        kill(Pid::from_raw(child.id() as i32), signal)?;
         while child.try_wait()?.is_none() {
             if started.elapsed() > STOP {
                 child.kill()?;
                 child.wait()?;
-                bail!("still running {STOP:?} after SIGTERM:\n{}", self.log_tail());
+                bail!(
+                    "still running {STOP:?} after {signal}:\n{}",
+                    self.log_tail()
+                );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

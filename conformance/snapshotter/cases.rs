@@ -14,7 +14,7 @@ use rstargz::proto::types::Mount;
 use tonic::Code;
 
 use super::mounts::{has_flag, mount_all, option};
-use super::{Backend, Labels, expect_code, expect_code_in, labels};
+use super::{Backend, Labels, Signal, expect_code, expect_code_in, labels};
 
 /// What containerd answers for an empty key or name (an unmapped internal
 /// error), and the code that would mean it.
@@ -94,6 +94,7 @@ macro_rules! for_each_case {
             concurrent_chains,
             restart_stops_promptly_with_client_connected,
             restart_keeps_snapshots_and_data,
+            sigkill_keeps_acknowledged_changes,
         );
     };
 }
@@ -1639,7 +1640,7 @@ where
 /// must not wait for it to go away.
 pub async fn restart_stops_promptly_with_client_connected(b: &Backend) -> Result<()> {
     b.prepare("rs-prompt", "", no_labels()).await?;
-    let stopped = b.restart().await?;
+    let stopped = b.restart(Signal::SIGTERM).await?;
     assert!(stopped < Duration::from_secs(3), "SIGTERM took {stopped:?}");
     assert_eq!(kind(&b.stat("rs-prompt").await?), Kind::Active);
     Ok(())
@@ -1664,7 +1665,7 @@ pub async fn restart_keeps_snapshots_and_data(b: &Backend) -> Result<()> {
     }
     let usage = b.usage("rs-1").await?;
 
-    b.restart().await?;
+    b.restart(Signal::SIGTERM).await?;
 
     for (key, info) in keys.iter().zip(&before) {
         assert_eq!(&b.stat(key).await?, info, "Stat({key}) after restart");
@@ -1700,5 +1701,42 @@ pub async fn restart_keeps_snapshots_and_data(b: &Backend) -> Result<()> {
     let mounts = b.view("rs-view-3", "rs-3", no_labels()).await?;
     let mounted = mount_all(&mounts, &b.scratch_dir("rs-view-3")?)?;
     assert_eq!(read(&mounted.path().join("before-restart"))?, "kept");
+    Ok(())
+}
+
+/// Every call answered before a SIGKILL is durable: the daemon comes back
+/// with exactly the acknowledged state.
+pub async fn sigkill_keeps_acknowledged_changes(b: &Backend) -> Result<()> {
+    let layers = chain(b, "kill", 2).await?;
+    b.prepare("kill-active", &layers[1], labels([("a", "1")]))
+        .await?;
+    b.view("kill-view", &layers[0], no_labels()).await?;
+    b.prepare("kill-removed", "", no_labels()).await?;
+    b.remove("kill-removed").await?;
+    b.update(info_with(&layers[1], labels([("u", "2")])), &["labels.u"])
+        .await?;
+    let mut before = Vec::new();
+    for key in ["kill-1", "kill-2", "kill-active", "kill-view"] {
+        before.push(b.stat(key).await?);
+    }
+
+    b.restart(Signal::SIGKILL).await?;
+
+    for info in &before {
+        assert_eq!(
+            &b.stat(&info.name).await?,
+            info,
+            "Stat({}) after SIGKILL",
+            info.name
+        );
+    }
+    expect_code(
+        b.stat("kill-removed").await,
+        Code::NotFound,
+        "removed before SIGKILL",
+    );
+    let mounts = b.mounts("kill-active").await?;
+    let mounted = mount_all(&mounts, &b.scratch_dir("kill-active")?)?;
+    assert_eq!(read(&mounted.path().join("layer"))?, "layer 2");
     Ok(())
 }

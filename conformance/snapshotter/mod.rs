@@ -53,7 +53,7 @@ use rstargz::proto::types::Mount;
 use tonic::metadata::{MetadataKey, MetadataValue};
 use tonic::transport::Channel;
 
-use crate::backends::Daemon;
+use crate::backends::{Daemon, Signal};
 
 /// Labels as the API carries them.
 pub type Labels = HashMap<String, String>;
@@ -134,12 +134,12 @@ impl Backend {
         Ok(dir)
     }
 
-    /// Stops the daemon with SIGTERM while this client is still connected,
+    /// Stops the daemon with `signal` while this client is still connected,
     /// starts it again on the same directories and reconnects. Returns how
     /// long the stop took.
-    pub async fn restart(&self) -> Result<std::time::Duration> {
+    pub async fn restart(&self, signal: Signal) -> Result<std::time::Duration> {
         let mut daemon = self.daemon.lock().await;
-        let stopped = daemon.stop().await?;
+        let stopped = daemon.stop(signal).await?;
         let channel = daemon.start().await?;
         *self.client.lock().expect("client lock") = SnapshotsClient::new(channel);
         drop(daemon);
