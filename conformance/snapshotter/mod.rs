@@ -305,6 +305,14 @@ impl Backend {
     }
 }
 
+impl Drop for Backend {
+    /// Nothing a case mounted may outlive it, even after a panic: removing
+    /// the scratch dir must not walk into a snapshot.
+    fn drop(&mut self) {
+        crate::backends::unmount_under(self.scratch.path());
+    }
+}
+
 /// Connects to a gRPC server on a unix socket.
 pub async fn connect_unix(socket: &Path) -> Result<Channel> {
     let socket = socket.to_path_buf();
