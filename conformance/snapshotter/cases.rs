@@ -1527,7 +1527,7 @@ pub async fn cleanup_removes_dirs_of_removed_snapshots(b: &Backend) -> Result<()
     let dir1 = snapshot_dir_of(&mounts)?;
     b.commit("clean-1", "clean-1-a", no_labels()).await?;
     let dir2 = snapshot_dir_of(&b.prepare("clean-2", "clean-1", no_labels()).await?)?;
-    let dir3 = snapshot_dir_of(&b.prepare("clean-keep", "clean-1", no_labels()).await?)?;
+    let dir3 = snapshot_dir_of(&b.prepare("clean-3", "clean-1", no_labels()).await?)?;
     if let Some(root) = b.snapshots_dir() {
         for dir in [&dir1, &dir2, &dir3] {
             assert!(
@@ -1542,7 +1542,7 @@ pub async fn cleanup_removes_dirs_of_removed_snapshots(b: &Backend) -> Result<()
         assert!(dir.is_dir(), "{} missing before removal", dir.display());
     }
     b.remove("clean-2").await?;
-    b.remove("clean-keep").await?;
+    b.remove("clean-3").await?;
     b.remove("clean-1").await?;
     b.prepare("clean-live", "", no_labels()).await?;
     let live = snapshot_dir_of(&b.mounts("clean-live").await?)?;
@@ -1568,6 +1568,12 @@ pub async fn cleanup_removes_dirs_of_removed_snapshots(b: &Backend) -> Result<()
         cleanup().await?;
     }
     assert!(live.is_dir(), "Cleanup removed a live snapshot's dir");
+    if let Some(root) = b.snapshots_dir() {
+        let left: Vec<PathBuf> = std::fs::read_dir(root)?
+            .map(|e| Ok(e?.path()))
+            .collect::<Result<_>>()?;
+        assert_eq!(left, [live], "only the live snapshot is left in {root:?}");
+    }
     Ok(())
 }
 
