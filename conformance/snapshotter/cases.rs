@@ -1407,6 +1407,13 @@ pub async fn view_duplicate_key(b: &Backend) -> Result<()> {
         Code::AlreadyExists,
         "Prepare(view key)",
     );
+    b.prepare("vdup-a", "vdup-c", no_labels()).await?;
+    expect_code(
+        b.view("vdup-a", "vdup-c", no_labels()).await,
+        Code::AlreadyExists,
+        "View(active key)",
+    );
+    assert_eq!(kind(&b.stat("vdup-a").await?), Kind::Active);
     Ok(())
 }
 
