@@ -187,8 +187,10 @@ mod tests {
 
     #[test]
     fn validate_explains() {
-        let mut c = Config::default();
-        c.root = "relative".into();
+        let c = Config {
+            root: "relative".into(),
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("root"));
         let mut c = Config::default();
         c.runtime.worker_threads = 0;
@@ -198,11 +200,15 @@ mod tests {
                 .to_string()
                 .contains("worker_threads")
         );
-        let mut c = Config::default();
-        c.log_level = "verbose".into();
+        let c = Config {
+            log_level: "verbose".into(),
+            ..Default::default()
+        };
         assert!(c.validate().is_err());
-        let mut c = Config::default();
-        c.address = PathBuf::from(format!("/{}", "a".repeat(120)));
+        let c = Config {
+            address: PathBuf::from(format!("/{}", "a".repeat(120))),
+            ..Default::default()
+        };
         assert!(c.validate().unwrap_err().to_string().contains("107"));
     }
 

@@ -207,7 +207,7 @@ impl Snapshotter {
         labels: BTreeMap<String, String>,
     ) -> Result<Record> {
         let r = self.store.must_get(key)?;
-        let usage = if r.kind == Kind::Active && labels.get(REMOTE_LABEL).is_none() {
+        let usage = if r.kind == Kind::Active && !labels.contains_key(REMOTE_LABEL) {
             overlay::usage(&self.layout.fs(r.id))?
         } else {
             // Remote snapshots are not walked: that would fetch the layer.
