@@ -635,11 +635,22 @@ pub async fn stat_info_fields(b: &Backend) -> Result<()> {
     assert_eq!(info.labels, l);
     assert_recent(&info.created_at, "created_at");
     assert_recent(&info.updated_at, "updated_at");
+    assert_eq!(info.created_at, info.updated_at, "never updated");
+    let active = info;
 
     b.commit("stat-c", "stat-a", no_labels()).await?;
     let info = b.stat("stat-c").await?;
     assert_eq!((info.name.as_str(), info.parent.as_str()), ("stat-c", ""));
     assert_eq!(kind(&info), Kind::Committed);
+    // containerd stamps a committed snapshot with the commit's time.
+    assert!(
+        to_system_time(&info.created_at, "created_at")
+            >= to_system_time(&active.created_at, "created_at"),
+        "committed {:?} before active {:?}",
+        info.created_at,
+        active.created_at
+    );
+    assert_recent(&info.updated_at, "updated_at");
     expect_code(
         b.stat("stat-a").await,
         Code::NotFound,
