@@ -13,7 +13,7 @@ mod snapshotter;
 
 use std::time::Duration;
 
-/// How long one case may take, daemon start and stop included.
+/// How long a backend may take to start, and then one case to run.
 const CASE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Starts a backend with `start`, runs `case` against it, stops it.
@@ -30,7 +30,8 @@ where
         .build()
         .expect("tokio runtime");
     let backend = runtime
-        .block_on(start())
+        .block_on(async { tokio::time::timeout(CASE_TIMEOUT, start()).await })
+        .unwrap_or_else(|_| panic!("backend did not start within {CASE_TIMEOUT:?}"))
         .unwrap_or_else(|err| panic!("backend failed to start: {err:#}"));
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         runtime.block_on(async { tokio::time::timeout(CASE_TIMEOUT, case(&backend)).await })
