@@ -220,6 +220,7 @@ async fn main() {
         after_load.0, after_load.1
     );
     println!("| idle after load (12 s) | {} kB | {} |", rss1, thr1);
+    drop(c);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,

@@ -360,6 +360,17 @@ async fn overlay_contents_usage_and_status_codes() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 
+    // Small footprint: main + workers + a bounded blocking pool.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let threads: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(threads <= 8, "{threads} threads");
+
     // Graceful shutdown removes the socket.
     drop(c);
     assert!(daemon.terminate(), "clean exit on SIGTERM");
@@ -398,6 +409,30 @@ async fn restart_keeps_state_and_stale_socket_is_replaced() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o700);
+    // SIGTERM with a client still connected: exits within the grace period.
+    drop(d);
+}
+
+#[test]
+fn sigterm_with_an_open_idle_connection_exits_within_grace() {
+    let dir = common::workdir();
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "shutdown_timeout_secs = 1\n",
+    )
+    .unwrap();
+    let mut d = common::Daemon::start(dir.path());
+    // A raw connection that never speaks HTTP/2 nor answers pings.
+    let _idle = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let t = std::time::Instant::now();
+    assert!(d.terminate());
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(!d.socket.exists());
 }
 
 #[test]

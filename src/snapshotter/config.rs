@@ -25,6 +25,9 @@ pub struct Config {
     /// `error`, `warn`, `info`, `debug` or `trace` (or a tracing
     /// `EnvFilter` directive such as `rstargz=debug`).
     pub log_level: String,
+    /// Seconds in-flight requests get to finish after SIGINT/SIGTERM
+    /// before the daemon exits anyway (clients may keep connections open).
+    pub shutdown_timeout_secs: u64,
     /// Runtime sizing.
     pub runtime: RuntimeConfig,
 }
@@ -47,6 +50,7 @@ impl Default for Config {
             address: PathBuf::from(DEFAULT_ADDRESS),
             root: PathBuf::from(DEFAULT_ROOT),
             log_level: "info".to_string(),
+            shutdown_timeout_secs: 10,
             runtime: RuntimeConfig::default(),
         }
     }

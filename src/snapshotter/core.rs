@@ -227,8 +227,12 @@ impl Snapshotter {
             self.crash_here(CrashPoint::RemoveAfterRetire)?;
             (r, retired)
         };
-        if let Some(path) = &retired.1 {
-            overlay::delete_tree(path)?;
+        if let Some(path) = &retired.1
+            && let Err(e) = overlay::delete_tree(path)
+        {
+            // The snapshot is gone as far as anyone can see; Cleanup or the
+            // next start deletes what is left.
+            tracing::warn!(path = %path.display(), error = %e, "cannot delete removed snapshot's directory");
         }
         Ok(retired.0)
     }

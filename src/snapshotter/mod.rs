@@ -117,9 +117,56 @@ pub async fn run(
         .with_context(|| format!("listening on {}", config.address.display()))?;
     tracing::info!(address = %config.address.display(), root = %config.root.display(), "serving");
     ready();
-    let result = serve(sn, listener, shutdown).await;
+    // Once `shutdown` fires, in-flight requests get a grace period; clients
+    // that keep idle connections open must not hold the exit back forever.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let shutdown = async move {
+        shutdown.await;
+        let _ = stop_tx.send(());
+    };
+    let grace = std::time::Duration::from_secs(config.shutdown_timeout_secs);
+    let deadline = async move {
+        if stop_rx.await.is_ok() {
+            tokio::time::sleep(grace).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let server = serve(sn, listener, shutdown);
+    let result = tokio::select! {
+        r = server => r,
+        () = deadline => {
+            tracing::warn!(grace_secs = grace.as_secs(), "connections still open after the shutdown grace period; exiting");
+            Ok(())
+        }
+    };
     let _ = std::fs::remove_file(&config.address);
     result.context("gRPC server")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod socket_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn stale_socket_replaced_live_one_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("run/sub/s.sock");
+        let live = bind_socket(&path).unwrap();
+        let mode = std::fs::metadata(path.parent().unwrap()).unwrap();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+            0o700
+        );
+        let err = bind_socket(&path).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        drop(live);
+        assert!(path.exists(), "a dead listener leaves its socket file");
+        let _again = bind_socket(&path).unwrap();
+        let file = d.path().join("plain");
+        std::fs::write(&file, b"").unwrap();
+        assert!(bind_socket(&file).is_err(), "never deletes a non-socket");
+    }
 }

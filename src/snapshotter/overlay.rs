@@ -93,6 +93,11 @@ impl Layout {
     /// Renames a temporary directory to `<id>` and makes the rename durable.
     pub fn place(&self, tmp: &Path, id: u64) -> Result<()> {
         let dst = self.dir(id);
+        // Ids come from the store's counter, so an existing `<id>` can only
+        // be the orphan of a create whose transaction never committed.
+        if dst.exists() {
+            delete_tree(&dst)?;
+        }
         fs::rename(tmp, &dst).map_err(|e| Error::io("rename into place", &dst, e))?;
         fsync_dir(&self.snapshots)
     }
