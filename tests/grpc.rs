@@ -409,19 +409,27 @@ async fn restart_keeps_state_and_stale_socket_is_replaced() {
             .permissions(),
     );
     assert_eq!(mode & 0o777, 0o700);
-    // SIGTERM with a client still connected: exits within the grace period.
-    drop(d);
+    drop(c);
 }
 
 #[test]
 fn sigterm_with_an_open_idle_connection_exits_within_grace() {
     let dir = common::workdir();
-    std::fs::write(
-        dir.path().join("config.toml"),
-        "shutdown_timeout_secs = 1\n",
-    )
-    .unwrap();
+    // The file names other paths; the flags Daemon::start passes win.
+    let cfg = format!(
+        "shutdown_timeout_secs = 1\naddress = \"{0}/cfg.sock\"\nroot = \"{0}/cfg-root\"\n",
+        dir.path().display()
+    );
+    std::fs::write(dir.path().join("config.toml"), cfg).unwrap();
     let mut d = common::Daemon::start(dir.path());
+    assert!(
+        !dir.path().join("cfg-root").exists(),
+        "--root overrides root"
+    );
+    assert!(
+        !dir.path().join("cfg.sock").exists(),
+        "--address overrides address"
+    );
     // A raw connection that never speaks HTTP/2 nor answers pings.
     let _idle = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));

@@ -18,7 +18,8 @@
 //! All methods except the `async` ones block; the gRPC service runs them on
 //! the blocking pool.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -68,6 +69,17 @@ pub enum CrashPoint {
     RemoveAfterRetire,
 }
 
+impl CrashPoint {
+    fn name(self) -> &'static str {
+        match self {
+            CrashPoint::CreateAfterTempDir => "create: after temp dir",
+            CrashPoint::CreateBeforeCommit => "create: before commit",
+            CrashPoint::RemoveAfterCommit => "remove: after commit",
+            CrashPoint::RemoveAfterRetire => "remove: after retire",
+        }
+    }
+}
+
 /// The snapshotter. Share it as `Arc<Snapshotter>`.
 pub struct Snapshotter {
     root: PathBuf,
@@ -76,6 +88,9 @@ pub struct Snapshotter {
     remote: Arc<dyn RemoteFs>,
     dirs: Mutex<()>,
     crash_at: Mutex<Option<CrashPoint>>,
+    /// Labels of the snapshots mounted through [`RemoteFs`], by id: what
+    /// `Mounts` checks before handing out lower dirs.
+    remote_layers: Mutex<HashMap<u64, BTreeMap<String, String>>>,
 }
 
 impl std::fmt::Debug for Snapshotter {
@@ -91,7 +106,11 @@ impl Snapshotter {
     /// debris. Blocking; does not touch remote mounts (see
     /// [`Snapshotter::restore_remote`]).
     pub fn open_blocking(root: &Path, remote: Arc<dyn RemoteFs>) -> Result<Snapshotter> {
-        std::fs::create_dir_all(root).map_err(|e| Error::io("create", root, e))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(|e| Error::io("create", root, e))?;
         let layout = Layout::new(root)?;
         let store = Store::open(&root.join("metadata.redb"))?;
         let s = Snapshotter {
@@ -101,6 +120,7 @@ impl Snapshotter {
             remote,
             dirs: Mutex::new(()),
             crash_at: Mutex::new(None),
+            remote_layers: Mutex::new(HashMap::new()),
         };
         let removed = s.cleanup()?;
         if removed > 0 {
@@ -138,7 +158,7 @@ impl Snapshotter {
         let mut at = self.crash_at.lock().unwrap_or_else(|p| p.into_inner());
         if *at == Some(point) {
             *at = None;
-            return Err(Error::Internal(format!("simulated crash at {point:?}")));
+            return Err(Error::SimulatedCrash(point.name()));
         }
         Ok(())
     }
@@ -175,7 +195,7 @@ impl Snapshotter {
                 Ok((r, m))
             }
             Err(e) => {
-                if matches!(&e, Error::Internal(m) if m.starts_with("simulated crash")) {
+                if matches!(e, Error::SimulatedCrash(_)) {
                     return Err(e);
                 }
                 // The transaction did not commit: undo the directory.
@@ -294,13 +314,28 @@ impl Snapshotter {
         let debris = {
             let _g = self.lock_dirs();
             let live = self.store.ids()?;
-            self.layout.debris(&live)?
+            let mut debris = self.layout.debris(&live)?;
+            // An orphan `<id>` could be reused by the next create as soon
+            // as the lock is released: move it aside while still holding it.
+            for path in &mut debris {
+                if let Some(aside) = self.layout.set_aside(path)? {
+                    *path = aside;
+                }
+            }
+            debris
         };
+        let mut deleted = 0;
         for path in &debris {
             tracing::debug!(path = %path.display(), "deleting orphan snapshot directory");
-            overlay::delete_tree(path)?;
+            match overlay::delete_tree(path) {
+                Ok(()) => deleted += 1,
+                // A concurrent Remove may be deleting the same `rm-*`.
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot delete orphan")
+                }
+            }
         }
-        Ok(debris.len())
+        Ok(deleted)
     }
 
     /// Every record, with its name; for consistency checks.
@@ -351,7 +386,8 @@ impl Snapshotter {
                 labels.insert(REMOTE_LABEL.to_string(), REMOTE_LABEL_VALUE.to_string());
                 let (s, t, k) = (self.clone(), target.clone(), key.clone());
                 match blocking(move || s.commit(&t, &k, labels)).await {
-                    Ok(_) => {
+                    Ok(committed) => {
+                        self.remote_layers().insert(committed.id, committed.labels);
                         tracing::info!(key = %key, target = %target, remote_snapshot_prepared = true, "layer mounted remotely");
                         Err(target_exists(&target))
                     }
@@ -399,8 +435,51 @@ impl Snapshotter {
                 .map_err(|e| Error::Remote(format!("unmount {}: {e}", fs.display())))?;
         }
         let s = self.clone();
-        blocking(move || s.remove_blocking(&key)).await?;
+        let removed = blocking(move || s.remove_blocking(&key)).await?;
+        self.remote_layers().remove(&removed.id);
         Ok(())
+    }
+
+    fn remote_layers(&self) -> MutexGuard<'_, HashMap<u64, BTreeMap<String, String>>> {
+        self.remote_layers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `Mounts`, checking first that every remote layer below the snapshot
+    /// is still served (a dead FUSE server would fail every read of the
+    /// container otherwise). A failed check tries one remount.
+    pub async fn checked_mounts(self: &Arc<Self>, key: &str) -> Result<Vec<Mount>> {
+        let r = self.store.must_get(key)?;
+        if r.kind == Kind::Committed {
+            return Err(Error::FailedPrecondition(format!(
+                "snapshot {key:?} is committed, not active or view"
+            )));
+        }
+        let remote: Vec<(u64, BTreeMap<String, String>)> = {
+            let layers = self.remote_layers();
+            if layers.is_empty() {
+                Vec::new()
+            } else {
+                r.parent_ids
+                    .iter()
+                    .filter_map(|id| layers.get(id).map(|l| (*id, l.clone())))
+                    .collect()
+            }
+        };
+        for (id, labels) in remote {
+            let fs = self.layout.fs(id);
+            let Err(e) = self.remote.check(&fs, &labels).await else {
+                continue;
+            };
+            tracing::warn!(key = %key, layer = %fs.display(), reason = %e, "remote layer check failed; remounting");
+            let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
+            self.remote.mount(&fs, &labels).await.map_err(|me| {
+                Error::Remote(format!(
+                    "layer {} unavailable: {e}; remount: {me}",
+                    fs.display()
+                ))
+            })?;
+        }
+        Ok(overlay::mounts(&self.layout, r.kind, r.id, &r.parent_ids))
     }
 
     /// Remounts every snapshot labelled remote: `check` first, `mount` if
@@ -412,6 +491,7 @@ impl Snapshotter {
             if !r.labels.contains_key(REMOTE_LABEL) {
                 continue;
             }
+            self.remote_layers().insert(r.id, r.labels.clone());
             let fs = self.layout.fs(r.id);
             if self.remote.check(&fs, &r.labels).await.is_ok() {
                 continue;

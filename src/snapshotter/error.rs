@@ -43,6 +43,10 @@ pub enum Error {
     /// A background task was cancelled or panicked.
     #[error("internal: {0}")]
     Internal(String),
+    /// A crash injected by a test at the named step (see
+    /// `Snapshotter::set_crash_point`); nothing is undone after it.
+    #[error("simulated crash at {0}")]
+    SimulatedCrash(&'static str),
 }
 
 /// Result alias used across the snapshotter.
@@ -66,9 +70,11 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => tonic::Status::already_exists(msg),
             Error::FailedPrecondition(_) => tonic::Status::failed_precondition(msg),
             Error::InvalidArgument(_) => tonic::Status::invalid_argument(msg),
-            Error::Store(_) | Error::Io { .. } | Error::Remote(_) | Error::Internal(_) => {
-                tonic::Status::unknown(msg)
-            }
+            Error::Store(_)
+            | Error::Io { .. }
+            | Error::Remote(_)
+            | Error::Internal(_)
+            | Error::SimulatedCrash(_) => tonic::Status::unknown(msg),
         }
     }
 }

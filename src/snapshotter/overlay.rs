@@ -114,6 +114,25 @@ impl Layout {
         }
     }
 
+    /// Renames an orphan named like a snapshot id (`<id>`) to a removal
+    /// name, so that a new snapshot can take the id; returns the new path.
+    /// Other names are left alone (`None`).
+    pub fn set_aside(&self, path: &Path) -> Result<Option<PathBuf>> {
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            return Ok(None);
+        };
+        if name.parse::<u64>().is_err() {
+            return Ok(None);
+        }
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let aside = self.snapshots.join(format!(
+            "{REMOVE_PREFIX}orphan-{name}-{}-{n}",
+            std::process::id()
+        ));
+        fs::rename(path, &aside).map_err(|e| Error::io("rename for removal", path, e))?;
+        Ok(Some(aside))
+    }
+
     /// Every entry under `snapshots/` that is not the directory of a live
     /// id: temporary and removal leftovers and orphans.
     pub fn debris(&self, live: &HashSet<u64>) -> Result<Vec<PathBuf>> {

@@ -87,8 +87,9 @@ impl Snapshots for Service {
         request: Request<MountsRequest>,
     ) -> Result<Response<MountsResponse>, Status> {
         // A point read in redb (MVCC, never waits for the writer): cheaper
-        // inline than a hop to the blocking pool.
-        let mounts = self.sn.mounts(&request.into_inner().key)?;
+        // inline than a hop to the blocking pool. Remote lower layers, if
+        // any, are checked first.
+        let mounts = self.sn.checked_mounts(&request.into_inner().key).await?;
         Ok(Response::new(MountsResponse { mounts }))
     }
 

@@ -55,7 +55,7 @@ fn crash_at_every_step_leaves_a_consistent_store() {
         let e = sn
             .create(Kind::Active, "lost", "base", BTreeMap::new())
             .unwrap_err();
-        assert!(matches!(e, Error::Internal(_)), "{e}");
+        assert!(matches!(e, Error::SimulatedCrash(_)), "{e}");
         // The crash left debris but never a record without its directory.
         assert!(sn.stat("lost").is_err());
         sn = reopen(root, sn);
@@ -97,6 +97,8 @@ fn crash_at_every_step_leaves_a_consistent_store() {
 struct BindRemote {
     source: PathBuf,
     mounted: Mutex<HashSet<PathBuf>>,
+    /// When set, `mount` fails (the registry went away).
+    refuse: std::sync::atomic::AtomicBool,
 }
 
 #[async_trait]
@@ -107,6 +109,9 @@ impl RemoteFs for BindRemote {
         _labels: &BTreeMap<String, String>,
     ) -> Result<(), RemoteError> {
         use nix::mount::{MsFlags, mount};
+        if self.refuse.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(RemoteError::new("registry unreachable"));
+        }
         mount(
             Some(&self.source),
             mp,
@@ -148,6 +153,7 @@ async fn remote_prepare_commits_target_and_unmounts_on_remove() {
     let remote = Arc::new(BindRemote {
         source: layer,
         mounted: Mutex::new(HashSet::new()),
+        refuse: Default::default(),
     });
     let root = d.path().join("root");
     let sn = Snapshotter::open(&root, remote.clone()).await.unwrap();
@@ -192,6 +198,24 @@ async fn remote_prepare_commits_target_and_unmounts_on_remove() {
             .iter()
             .any(|o| o.contains(&fs.to_string_lossy().to_string()))
     );
+    assert_eq!(sn.checked_mounts("ctr").await.unwrap(), m);
+    // The remote layer dies: Mounts notices and remounts it.
+    remote.unmount(&fs).await.unwrap();
+    assert_eq!(sn.checked_mounts("ctr").await.unwrap(), m);
+    assert!(fs.join("hello").exists(), "remounted by Mounts");
+    // If the remount fails too, Mounts reports it instead of handing out
+    // a broken lower dir.
+    remote
+        .refuse
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    remote.unmount(&fs).await.unwrap();
+    let e = sn.checked_mounts("ctr").await.unwrap_err();
+    assert!(matches!(e, Error::Remote(_)), "{e}");
+    assert!(e.to_string().contains("registry unreachable"), "{e}");
+    remote
+        .refuse
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    remote.mount(&fs, &BTreeMap::new()).await.unwrap();
     let e = sn.remove("sha256:chain1".into()).await.unwrap_err();
     assert!(matches!(e, Error::FailedPrecondition(_)));
     assert!(
