@@ -463,3 +463,23 @@ fn bad_config_is_rejected_with_the_key() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("missing.toml"));
 }
+
+#[test]
+fn systemd_readiness_and_stopping_are_notified() {
+    let dir = common::workdir();
+    let notify = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    let mut d = common::Daemon::start_with_env(dir.path(), &[("NOTIFY_SOCKET", &notify)]);
+    let mut buf = [0u8; 256];
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "READY=1");
+    assert!(
+        std::os::unix::net::UnixStream::connect(&d.socket).is_ok(),
+        "listening when READY"
+    );
+    assert!(d.terminate());
+    let n = sock.recv(&mut buf).unwrap();
+    assert_eq!(String::from_utf8_lossy(&buf[..n]).trim(), "STOPPING=1");
+}

@@ -78,6 +78,7 @@ async fn shutdown_signal() {
         _ = int.recv() => tracing::info!(signal = "SIGINT", "shutting down"),
         _ = term.recv() => tracing::info!(signal = "SIGTERM", "shutting down"),
     }
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
 
 fn main() -> ExitCode {

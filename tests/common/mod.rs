@@ -19,6 +19,11 @@ impl Daemon {
     /// Starts the daemon with `dir/root` and `dir/run/s.sock`, and waits
     /// until it accepts connections.
     pub fn start(dir: &Path) -> Daemon {
+        Daemon::start_with_env(dir, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables.
+    pub fn start_with_env(dir: &Path, env: &[(&str, &Path)]) -> Daemon {
         let root = dir.join("root");
         let socket = dir.join("run/s.sock");
         let log = dir.join("daemon.log");
@@ -36,6 +41,7 @@ impl Daemon {
             .arg(dir.join("config.toml"))
             .arg("--log-level")
             .arg("debug")
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(logf)
