@@ -214,7 +214,7 @@ impl Store {
                 kind,
                 parent: parent.to_string(),
                 parent_ids,
-                labels,
+                labels: without_empty(labels),
                 created: now,
                 updated: now,
                 size: 0,
@@ -263,7 +263,7 @@ impl Store {
             }
             let now = SystemTime::now();
             r.kind = Kind::Committed;
-            r.labels = labels;
+            r.labels = without_empty(labels);
             r.created = now;
             r.updated = now;
             (r.size, r.inodes) = usage;
@@ -345,6 +345,13 @@ impl Store {
     }
 }
 
+/// containerd never stores a label with an empty value: setting one to ""
+/// is how a client deletes it, on every call that takes labels.
+fn without_empty(mut labels: BTreeMap<String, String>) -> BTreeMap<String, String> {
+    labels.retain(|_, v| !v.is_empty());
+    labels
+}
+
 /// Computes the labels after an update with `paths` (see [`Store::update`]).
 pub fn apply_field_paths(
     name: &str,
@@ -353,11 +360,7 @@ pub fn apply_field_paths(
     paths: &[String],
 ) -> Result<BTreeMap<String, String>> {
     if paths.is_empty() {
-        return Ok(new
-            .iter()
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect());
+        return Ok(without_empty(new.clone()));
     }
     let mut out = current.clone();
     for path in paths {
@@ -371,11 +374,7 @@ pub fn apply_field_paths(
                 }
             }
         } else if path == "labels" {
-            out = new
-                .iter()
-                .filter(|(_, v)| !v.is_empty())
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            out = without_empty(new.clone());
         } else {
             return Err(Error::InvalidArgument(format!(
                 "cannot update {path:?} field on snapshot {name:?}"
