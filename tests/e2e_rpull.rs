@@ -21,10 +21,12 @@ use support::registry::Registry;
 /// Label the snapshotter sets on a layer it prepared remotely (REFERENCE 1.9).
 const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
 
-/// Whether every layer must be prepared remotely. False until the daemon
-/// mounts eStargz layers (its remote filesystem is a no-op seam today, so it
-/// falls back to a normal pull and unpack).
-const EXPECT_REMOTE: bool = false;
+/// Every layer must be prepared remotely (mounted lazily through FUSE).
+const EXPECT_REMOTE: bool = true;
+
+/// Background fetch off, so the bytes counted below are what the pull and
+/// the containers needed, not what the daemon streamed in behind them.
+const DAEMON_CONFIG: &str = "[layer]\nbackground_fetch = false\n";
 
 #[test]
 fn rpull_estargz_through_rstargz_then_run_and_gc() {
@@ -33,7 +35,7 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     let img = image::debian_image(layout.path(), "1");
     let mut registry = Registry::start();
     let src = registry.push_oci_layout(layout.path(), "1", "e2e/debian");
-    let mut daemon = Daemon::start();
+    let mut daemon = Daemon::start_with_config(Some(DAEMON_CONFIG));
     let ctrd = Containerd::start(ContainerdOptions {
         stargz_proxy: Some(daemon.address.clone()),
     });
@@ -90,6 +92,19 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     }
     if EXPECT_REMOTE {
         assert_eq!(remote, committed.len(), "layers not prepared remotely");
+        // Each remote layer is a FUSE mount of ours under the daemon's root.
+        let fuse: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+            .expect("mountinfo")
+            .lines()
+            .filter(|l| l.contains(" - fuse.rstargz "))
+            .filter(|l| l.contains(&*daemon.address.parent().unwrap().to_string_lossy()))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(
+            fuse.len(),
+            committed.len(),
+            "FUSE mounts of the layers: {fuse:#?}"
+        );
     }
     // rpull's labels reached the daemon: it decided, and logged, for every
     // layer whether it was prepared remotely (`remote_snapshot_prepared`).

@@ -3,10 +3,10 @@
 
 mod tar_support;
 
-use tar_support::*;
 use rstargz::estargz::Error;
 use rstargz::estargz::toc::{EntryType, JsonEntry};
 use rstargz::estargz::writer::{self, BuildOptions};
+use tar_support::*;
 
 fn opts() -> BuildOptions {
     BuildOptions {

@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use tar_support::*;
 use rstargz::estargz::toc::{EntryType, JsonEntry};
 use rstargz::estargz::writer::BuildOptions;
+use tar_support::*;
 
 const GOCODE: &str = "/usr/share/gocode";
 

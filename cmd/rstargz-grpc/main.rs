@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use rstargz::fs::lazy::LazyFs;
 use rstargz::snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
-use rstargz::snapshotter::{NoRemote, run};
+use rstargz::snapshotter::{NoRemote, RemoteFs, run};
 
 /// containerd snapshotter with lazy pulling of eStargz layers.
 #[derive(Debug, Parser)]
@@ -115,7 +116,25 @@ fn main() -> ExitCode {
             tracing::warn!(error = %e, "systemd readiness notification failed");
         }
     };
-    match rt.block_on(run(&config, Arc::new(NoRemote), shutdown_signal(), ready)) {
+    let remote: Arc<dyn RemoteFs> = if config.fs.enabled {
+        let fs = LazyFs::new(
+            config.fs.clone(),
+            config.registry.clone(),
+            config.layer.clone(),
+            &config.root.join("cache"),
+            rt.handle().clone(),
+        );
+        match fs {
+            Ok(fs) => Arc::new(fs),
+            Err(e) => {
+                eprintln!("rstargz-grpc: cannot set up lazy pulling: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        Arc::new(NoRemote)
+    };
+    match rt.block_on(run(&config, remote, shutdown_signal(), ready)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "rstargz-grpc failed");

@@ -1,6 +1,7 @@
 //! The remote filesystem: FUSE mounts of eStargz layers, registry range
 //! reads, and the chunk caches. See ARCHITECTURE.md for the thread model.
 //!
+//! - [`lazy`]: [`lazy::LazyFs`], the snapshotter's `RemoteFs`: labels → layer → FUSE mount.
 //! - [`fuse`]: the read-only FUSE filesystem of one layer (fuser).
 //! - [`content`]: the [`ContentSource`] seam the FUSE filesystem reads from.
 //! - [`layer`]: one opened blob: TOC check, single-flight verified chunk
@@ -13,6 +14,7 @@ pub mod cache;
 pub mod content;
 pub mod fuse;
 pub mod layer;
+pub mod lazy;
 pub mod registry;
 
 pub use content::{ContentSource, ReadError, ReadFuture};

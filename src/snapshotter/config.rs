@@ -30,6 +30,13 @@ pub struct Config {
     pub shutdown_timeout_secs: u64,
     /// Runtime sizing.
     pub runtime: RuntimeConfig,
+    /// Lazy pulling (`[fs]`); the snapshotter itself only sees `RemoteFs`.
+    pub fs: crate::fs::lazy::FsConfig,
+    /// Registry access for lazy pulling (`[registry]`).
+    pub registry: crate::fs::registry::RegistryConfig,
+    /// Layer reads and caches (`[layer]`). An unset `disk_cache_dir` means
+    /// `<root>/cache`.
+    pub layer: crate::fs::layer::LayerConfig,
 }
 
 /// Thread budget of the daemon.
@@ -52,6 +59,9 @@ impl Default for Config {
             log_level: "info".to_string(),
             shutdown_timeout_secs: 10,
             runtime: RuntimeConfig::default(),
+            fs: Default::default(),
+            registry: Default::default(),
+            layer: Default::default(),
         }
     }
 }
@@ -131,6 +141,9 @@ impl Config {
                 "log_level {:?} is not one of error, warn, info, debug, trace (or a tracing directive)",
                 self.log_level
             ));
+        }
+        if let Err(e) = self.layer.validate() {
+            return bad(e);
         }
         let rt = &self.runtime;
         if !(1..=64).contains(&rt.worker_threads) {

@@ -204,7 +204,7 @@ pub(crate) fn key_of(c: &ChunkRef) -> ChunkKey {
 /// State shared by the [`Layer`] handle and its tasks.
 pub(crate) struct Inner<F> {
     fetcher: F,
-    index: Index,
+    index: Arc<Index>,
     /// Every chunk, sorted by [`key_of`] (blob order).
     order: Vec<ChunkRef>,
     blob_size: u64,
@@ -297,7 +297,7 @@ pub async fn open_layer<F: RangeFetcher + 'static>(
     let cfg = ctx.config;
     let inner = Arc::new(Inner {
         fetcher,
-        index,
+        index: Arc::new(index),
         order,
         blob_size: size,
         fetch_permits: Semaphore::new(cfg.fetch_concurrency),
@@ -355,6 +355,11 @@ async fn blocking<T: Send + 'static>(
 impl<F: RangeFetcher + 'static> Layer<F> {
     pub fn index(&self) -> &Index {
         &self.inner.index
+    }
+
+    /// The index, shared (the FUSE filesystem keeps one).
+    pub fn index_arc(&self) -> Arc<Index> {
+        self.inner.index.clone()
     }
 
     /// Whether the TOC was checked against the expected digest.

@@ -1,0 +1,287 @@
+//! [`LazyFs`]: the snapshotter's [`RemoteFs`], mounting eStargz layers
+//! straight from their registry.
+//!
+//! `mount` reads the labels containerd passes on `Prepare` (image reference,
+//! layer digest, TOC digest), opens the layer (blob size plus one tail read
+//! for footer and TOC, TOC digest checked), and mounts it read-only with
+//! FUSE. Any failure is returned as a reason, and the snapshotter falls back
+//! to an ordinary pull of that layer. `check` waits for the layer's prefetch
+//! (bounded) so that a container created right after the pull finds its
+//! prioritized files cached.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::fs::cache::Caches;
+use crate::fs::content::ContentSource;
+use crate::fs::fuse::{self, LayerFs, LayerFsOptions, MountHandle, MountOptions};
+use crate::fs::layer::{
+    DynFetcher, Layer, LayerConfig, LayerContext, PrefetchState, StatsSnapshot, TocCheck, Trust,
+    open_layer,
+};
+use crate::fs::registry::{Reference, RegistryClient, RegistryConfig};
+use crate::snapshotter::{RemoteError, RemoteFs};
+
+/// Image reference: CRI's label first, then stargz-snapshotter's.
+const IMAGE_REF_LABELS: [&str; 2] = [
+    "containerd.io/snapshot/cri.image-ref",
+    "containerd.io/snapshot/remote/stargz.reference",
+];
+/// This layer's compressed digest, in the same order.
+const LAYER_DIGEST_LABELS: [&str; 2] = [
+    "containerd.io/snapshot/cri.layer-digest",
+    "containerd.io/snapshot/remote/stargz.digest",
+];
+
+/// `[fs]` in the daemon config.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FsConfig {
+    /// Mount eStargz layers lazily. Off: every layer is pulled normally.
+    pub enabled: bool,
+    /// Mount legacy stargz layers that carry the `stargz.skipverify` label
+    /// without a TOC digest.
+    pub allow_no_verification: bool,
+    /// FUSE worker threads per mounted layer. Reads are answered from the
+    /// runtime, so one is enough for metadata operations.
+    pub fuse_threads: usize,
+    /// Largest number of reads in flight per layer.
+    pub max_inflight_reads: usize,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            enabled: true,
+            allow_no_verification: false,
+            fuse_threads: 1,
+            max_inflight_reads: 64,
+        }
+    }
+}
+
+/// What one mounted layer reports (`rstargz status`).
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerStatus {
+    pub mountpoint: PathBuf,
+    pub reference: String,
+    pub digest: String,
+    pub verified: bool,
+    pub prefetch: String,
+    pub stats: StatsSnapshot,
+}
+
+struct Mounted {
+    layer: Arc<Layer<DynFetcher>>,
+    handle: Option<MountHandle>,
+    reference: String,
+    digest: String,
+}
+
+/// The lazy-pulling [`RemoteFs`].
+pub struct LazyFs {
+    config: FsConfig,
+    client: RegistryClient,
+    base: LayerContext,
+    rt: tokio::runtime::Handle,
+    mounts: Mutex<HashMap<PathBuf, Mounted>>,
+}
+
+impl LazyFs {
+    /// Builds the registry client and the shared caches (scanning the disk
+    /// cache directory; blocking). `cache_dir` is used when the layer
+    /// config names none.
+    pub fn new(
+        config: FsConfig,
+        registry: RegistryConfig,
+        mut layer: LayerConfig,
+        cache_dir: &Path,
+        rt: tokio::runtime::Handle,
+    ) -> anyhow::Result<Self> {
+        if layer.disk_cache_dir.is_none() && layer.disk_cache_bytes > 0 {
+            layer.disk_cache_dir = Some(cache_dir.to_path_buf());
+        }
+        layer
+            .validate()
+            .map_err(|e| anyhow::anyhow!("[layer]: {e}"))?;
+        let client = RegistryClient::new(registry)?;
+        let caches = Caches::from_config(&layer)?;
+        Ok(LazyFs {
+            config,
+            client,
+            base: LayerContext::new(layer, caches),
+            rt,
+            mounts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Per-layer state and statistics, sorted by mountpoint.
+    pub fn status(&self) -> Vec<LayerStatus> {
+        let mounts = self.lock();
+        let mut out: Vec<LayerStatus> = mounts
+            .iter()
+            .map(|(path, m)| LayerStatus {
+                mountpoint: path.clone(),
+                reference: m.reference.clone(),
+                digest: m.digest.clone(),
+                verified: matches!(m.layer.trust(), Trust::Verified { .. }),
+                prefetch: format!("{:?}", m.layer.prefetch_state()),
+                stats: m.layer.stats(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+        out
+    }
+
+    /// The caches shared by every layer.
+    pub fn caches(&self) -> &Caches {
+        &self.base.caches
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, Mounted>> {
+        // A panic while holding the map cannot leave it inconsistent (every
+        // update is a single insert or remove), so poisoning is ignored.
+        self.mounts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn open(
+        &self,
+        labels: &HashMap<String, String>,
+    ) -> Result<(Layer<DynFetcher>, String, String), String> {
+        let reference = first_label(labels, &IMAGE_REF_LABELS)
+            .ok_or("no image reference label (cri.image-ref or stargz.reference)")?;
+        let digest = first_label(labels, &LAYER_DIGEST_LABELS)
+            .ok_or("no layer digest label (cri.layer-digest or stargz.digest)")?;
+        let check = TocCheck::from_labels(labels, self.config.allow_no_verification)?;
+        let parsed = Reference::parse(reference)
+            .map_err(|e| format!("image reference {reference:?}: {e}"))?;
+        let blob = self
+            .client
+            .blob(&parsed, digest)
+            .map_err(|e| format!("layer {digest}: {e}"))?;
+        let fetcher = DynFetcher(Arc::new(blob));
+        let ctx = self.base.clone().with_labels(labels);
+        let layer = open_layer(fetcher, check, ctx)
+            .await
+            .map_err(|e| format!("opening layer {digest} of {reference}: {e}"))?;
+        Ok((layer, reference.to_string(), digest.to_string()))
+    }
+}
+
+fn first_label<'a>(labels: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| labels.get(*k))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+#[async_trait]
+impl RemoteFs for LazyFs {
+    async fn mount(
+        &self,
+        mountpoint: &Path,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteError> {
+        if !self.config.enabled {
+            return Err(RemoteError::new(
+                "lazy pulling is disabled ([fs] enabled = false)",
+            ));
+        }
+        let labels: HashMap<String, String> = labels.clone().into_iter().collect();
+        let (layer, reference, digest) = self.open(&labels).await.map_err(RemoteError::new)?;
+        let layer = Arc::new(layer);
+        let fs = LayerFs::new(
+            layer.index_arc(),
+            layer.clone() as Arc<dyn ContentSource>,
+            self.rt.clone(),
+            LayerFsOptions {
+                max_inflight_reads: self.config.max_inflight_reads,
+                ..LayerFsOptions::default()
+            },
+        );
+        let opts = MountOptions {
+            fsname: digest.clone(),
+            threads: self.config.fuse_threads,
+            ..MountOptions::default()
+        };
+        let path = mountpoint.to_path_buf();
+        // mount(2) and the FUSE handshake block; a mount left by a crashed
+        // daemon (ENOTCONN) is cleared first.
+        let handle = tokio::task::spawn_blocking(move || {
+            let _ = fuse::unmount(&path);
+            fuse::mount(&path, fs, &opts)
+        })
+        .await
+        .map_err(|e| RemoteError::new(format!("mount task failed: {e}")))?
+        .map_err(|e| RemoteError::new(format!("FUSE mount of {digest}: {e}")))?;
+        tracing::info!(
+            mountpoint = %mountpoint.display(),
+            reference = %reference,
+            digest = %digest,
+            verified = matches!(layer.trust(), Trust::Verified { .. }),
+            "layer mounted lazily"
+        );
+        let old = self.lock().insert(
+            mountpoint.to_path_buf(),
+            Mounted {
+                layer,
+                handle: Some(handle),
+                reference,
+                digest,
+            },
+        );
+        if let Some(old) = old {
+            release(old).await;
+        }
+        Ok(())
+    }
+
+    async fn check(
+        &self,
+        mountpoint: &Path,
+        _labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteError> {
+        let layer = match self.lock().get(mountpoint) {
+            Some(m) => m.layer.clone(),
+            None => return Err(RemoteError::new("layer is not mounted by this daemon")),
+        };
+        let path = mountpoint.to_path_buf();
+        let alive = tokio::task::spawn_blocking(move || std::fs::metadata(&path).map(|_| ()))
+            .await
+            .map_err(|e| RemoteError::new(format!("check task failed: {e}")))?;
+        alive.map_err(|e| RemoteError::new(format!("mount is not usable: {e}")))?;
+        // A container created now should find its prioritized files ready;
+        // the wait is bounded by `prefetch_timeout_ms`.
+        if let PrefetchState::Failed(reason) = layer.wait_prefetch_default().await {
+            tracing::warn!(mountpoint = %mountpoint.display(), reason = %reason, "prefetch failed; reads fetch on demand");
+        }
+        Ok(())
+    }
+
+    async fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError> {
+        let removed = self.lock().remove(mountpoint);
+        match removed {
+            Some(m) => release(m).await,
+            None => {
+                let path = mountpoint.to_path_buf();
+                let _ = tokio::task::spawn_blocking(move || fuse::unmount(&path)).await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Unmounts (blocking, off the runtime) and stops the layer's background work.
+async fn release(mut m: Mounted) {
+    m.layer.close();
+    if let Some(h) = m.handle.take() {
+        let r = tokio::task::spawn_blocking(move || h.unmount()).await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, digest = %m.digest, "unmount failed");
+        }
+    }
+}
