@@ -780,8 +780,10 @@ fn too_many_entries() {
 }
 
 /// Writes seed inputs for the fuzz targets when `RSTARGZ_FUZZ_SEEDS` names
-/// a directory (see `fuzz/README.md`); otherwise does nothing.
+/// a directory (see `fuzz/README.md`). A tool, not a test: run it with
+/// `--ignored`.
 #[test]
+#[ignore = "generates fuzz seeds when RSTARGZ_FUZZ_SEEDS is set"]
 fn write_fuzz_seeds() {
     let Some(dir) = std::env::var_os("RSTARGZ_FUZZ_SEEDS") else {
         return;

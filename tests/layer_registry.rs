@@ -1,7 +1,7 @@
 //! The layer reader over the real registry client against a real
 //! `docker-registry` (Debian's distribution 2.8) on 127.0.0.1: push an
 //! eStargz blob, open it as a layer with the TOC digest, read every file.
-//! Skipped when `docker-registry` or `curl` is not installed.
+//! Fails when `docker-registry` or `curl` is not installed (`scripts/deps.sh`).
 
 mod fixture;
 
@@ -112,10 +112,10 @@ fn push_blob(port: u16, repo: &str, blob: &[u8], dir: &Path) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn layer_over_a_real_registry() {
-    if !have("docker-registry") || !have("curl") {
-        eprintln!("skipping: docker-registry or curl not installed");
-        return;
-    }
+    assert!(
+        have("docker-registry") && have("curl"),
+        "docker-registry and curl are required (scripts/deps.sh installs them)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let reg = start_registry(dir.path());
 

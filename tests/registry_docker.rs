@@ -12,7 +12,7 @@
 //! overlapping ranges first. A range past the end answers 416. Both behaviours
 //! are asserted below.
 //!
-//! Skipped (with a message) when `docker-registry` is not installed;
+//! Fails when `docker-registry` is not installed;
 //! `scripts/deps.sh` installs it.
 
 use std::net::TcpListener;
@@ -52,10 +52,10 @@ fn free_port() -> u16 {
 }
 
 async fn start_registry() -> Option<Registry> {
-    if !Path::new(BIN).exists() {
-        eprintln!("skipping: {BIN} not installed (scripts/deps.sh installs it)");
-        return None;
-    }
+    assert!(
+        Path::new(BIN).exists(),
+        "{BIN} is not installed (scripts/deps.sh installs it)"
+    );
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("127.0.0.1:{}", free_port());
     let config = dir.path().join("config.yml");
