@@ -244,5 +244,15 @@ async fn main() {
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGTERM,
     );
+    // Bounded: a daemon that does not exit must not hang the run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!("daemon did not exit 20 s after SIGTERM; killing it");
+    let _ = child.kill();
     let _ = child.wait();
 }
