@@ -6,10 +6,18 @@
 //! containers must see the right files, and after the image is removed GC
 //! must leave no snapshot behind.
 //!
+//! The daemon's status endpoint (`rstargz status`, `/metrics`) must report
+//! both layers, and a `kill -9` of the daemon must leave the image usable:
+//! the restarted daemon remounts the layers before serving and reuses its
+//! disk cache. A plain gzip image pulled the same way falls back to a
+//! normal pull, with the reason logged and listed by `rstargz status`.
+//!
 //! Needs root, containerd, runc, FUSE and the tools from `scripts/deps.sh`.
 
 mod support;
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use support::containerd::{Containerd, ContainerdOptions};
@@ -143,6 +151,75 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         );
     }
 
+    // `rstargz status --json`: both layers, verified, partly fetched.
+    let status = status_json(&daemon);
+    let layers = status["layers"].as_array().expect("layers array");
+    assert_eq!(layers.len(), conv.layers.len(), "status: {status:#}");
+    for want in &conv.layers {
+        let l = layers
+            .iter()
+            .find(|l| l["digest"] == want.digest.as_str())
+            .unwrap_or_else(|| panic!("layer {} missing from status: {status:#}", want.digest));
+        assert_eq!(l["verified"], true, "{l:#}");
+        let fetched = l["stats"]["bytes_fetched"].as_u64().unwrap();
+        let total = l["stats"]["blob_size"].as_u64().unwrap();
+        eprintln!("status: {} fetched {fetched} of {total}", want.digest);
+        assert_eq!(total, want.size, "{l:#}");
+        assert!(fetched > 0 && fetched < total, "{l:#}");
+    }
+    let table = rstargz_status(&daemon, &[]);
+    eprintln!("rstargz status:\n{table}");
+    assert!(table.contains("FETCHED/TOTAL"), "{table}");
+    let metrics = rstargz_status(&daemon, &["--metrics"]);
+    for want in &conv.layers {
+        let series = format!(
+            "rstargz_layer_fetched_bytes_total{{layer=\"{}\"}} ",
+            want.digest
+        );
+        assert!(metrics.contains(&series), "{series} missing:\n{metrics}");
+    }
+    let mounted = format!("rstargz_layers_mounted {}\n", conv.layers.len());
+    assert!(metrics.contains(&mounted), "{metrics}");
+
+    // kill -9 the daemon with both layers mounted, start it again: the
+    // remote snapshots are remounted from the metadata before it serves.
+    daemon.restart(true);
+    let status = status_json(&daemon);
+    assert_eq!(
+        status["layers"].as_array().map(Vec::len),
+        Some(conv.layers.len()),
+        "layers not remounted after the restart: {status:#}\nlog:\n{}",
+        daemon.log_tail()
+    );
+    assert_eq!(fuse_mounts(&daemon).len(), conv.layers.len());
+    // A new container from the already pulled image sees the right files,
+    // mostly from the disk cache the first daemon filled.
+    let served_before_restart_runs = registry.blob_bytes_served();
+    let out = run_in(&ctrd, &r, &["cat", "/etc/debian_version"]);
+    assert_eq!(out.as_bytes(), &want[..]);
+    let out = run_in(&ctrd, &r, &[image::SCRIPT_PATH]);
+    assert_eq!(out.trim(), image::SCRIPT_OUTPUT);
+    let served_after_restart = registry.blob_bytes_served() - served_before_restart_runs;
+    let status = status_json(&daemon);
+    let from_disk: u64 = status["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["stats"]["chunks_from_disk"].as_u64().unwrap_or(0))
+        .sum();
+    eprintln!(
+        "after kill -9 + restart: registry served {served_after_restart} bytes for the runs \
+         (first daemon: {served}); chunks from disk: {from_disk}"
+    );
+    assert!(
+        served_after_restart < served,
+        "disk cache not reused: {served_after_restart} >= {served}"
+    );
+    assert!(
+        from_disk > 0,
+        "no chunk came from the disk cache: {status:#}"
+    );
+
     ctrd.ctr(&["images", "rm", "--sync", &r]);
     let gone = support::wait_for(Duration::from_secs(10), || {
         ctrd.snapshots("stargz").is_empty().then_some(())
@@ -165,6 +242,184 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         mounts.is_empty(),
         "mounts left under the daemon's root: {mounts:?}"
     );
+    // Unmounted layers' series are gone from /metrics.
+    let metrics = rstargz_status(&daemon, &["--metrics"]);
+    assert!(!metrics.contains("layer=\""), "{metrics}");
+}
+
+/// A plain gzip image (no TOC digest annotation) pulled with rpull: every
+/// layer falls back to a normal pull, with the reason logged and listed by
+/// `rstargz status`; nothing is FUSE-mounted and the image runs.
+#[test]
+fn rpull_plain_gzip_falls_back_with_reason() {
+    support::require_prerequisites();
+    let layout = support::temp_dir("layout");
+    let img = image::debian_image(layout.path(), "1");
+    let mut registry = Registry::start();
+    let src = registry.push_oci_layout(layout.path(), "1", "e2e/debian-gzip");
+    let mut daemon = Daemon::start_with_config(Some(DAEMON_CONFIG));
+    let ctrd = Containerd::start(ContainerdOptions {
+        stargz_proxy: Some(daemon.address.clone()),
+    });
+    ctrd.ctr_remote_timeout(
+        &[
+            "images",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "stargz",
+            &src,
+        ],
+        Duration::from_secs(300),
+    );
+    daemon.assert_alive();
+    let want = img
+        .rootfs
+        .read_file("/etc/debian_version")
+        .expect("/etc/debian_version in the rootfs");
+    let out = run_in(&ctrd, &src, &["cat", "/etc/debian_version"]);
+    assert_eq!(out.as_bytes(), &want[..]);
+
+    let log = daemon.log();
+    let fallbacks: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("remote_snapshot_prepared=false"))
+        .collect();
+    assert!(!fallbacks.is_empty(), "no fallback logged:\n{log}");
+    for l in &fallbacks {
+        assert!(
+            l.contains("toc.digest"),
+            "reason does not name the TOC digest: {l}"
+        );
+    }
+    assert!(
+        fuse_mounts(&daemon).is_empty(),
+        "{:?}",
+        fuse_mounts(&daemon)
+    );
+    let status = status_json(&daemon);
+    assert_eq!(
+        status["layers"].as_array().map(Vec::len),
+        Some(0),
+        "{status:#}"
+    );
+    let listed = status["fallbacks"].as_array().expect("fallbacks");
+    assert_eq!(listed.len(), fallbacks.len(), "{status:#}");
+    for f in listed {
+        assert!(f["reason"].as_str().unwrap().contains("TOC"), "{f:#}");
+        assert!(
+            f["digest"].as_str().unwrap().starts_with("sha256:"),
+            "{f:#}"
+        );
+    }
+    let table = rstargz_status(&daemon, &[]);
+    eprintln!("rstargz status:\n{table}");
+    assert!(table.contains("TOC JSON must be passed"), "{table}");
+}
+
+/// A `Prepare` whose layer lives on a registry that cannot be reached
+/// (nothing listening; an address that never answers) falls back within
+/// the configured timeouts, with the reason listed by `rstargz status`.
+#[test]
+fn prepare_with_unreachable_registry_falls_back_in_time() {
+    use rstargz::proto::snapshots::PrepareSnapshotRequest;
+    support::require_prerequisites();
+    let config =
+        "[registry]\nconnect_timeout_ms = 500\nrequest_timeout_ms = 2000\nmax_attempts = 2\n";
+    let daemon = Daemon::start_with_config(Some(config));
+    let port = support::free_port();
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (i, host) in [format!("127.0.0.1:{port}"), "10.255.255.1:5000".to_string()]
+        .iter()
+        .enumerate()
+    {
+        let labels = [
+            ("containerd.io/snapshot.ref", format!("chain-{i}")),
+            (
+                "containerd.io/snapshot/cri.image-ref",
+                format!("{host}/x/y:1"),
+            ),
+            ("containerd.io/snapshot/cri.layer-digest", digest.clone()),
+            ("containerd.io/snapshot/stargz/toc.digest", digest.clone()),
+        ];
+        let req = PrepareSnapshotRequest {
+            snapshotter: String::new(),
+            key: format!("extract-{i}"),
+            parent: String::new(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.clone()))
+                .collect(),
+        };
+        let t = Instant::now();
+        let resp = rt.block_on(async {
+            let mut c = rstargz::snapshotter::client::connect(&daemon.address)
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(60), c.prepare(req)).await
+        });
+        let took = t.elapsed();
+        eprintln!("Prepare from unreachable {host}: {took:?}");
+        let resp = resp
+            .expect("Prepare hung past 60 s")
+            .expect("fallback is not an error");
+        assert!(
+            !resp.into_inner().mounts.is_empty(),
+            "a fallback returns mounts"
+        );
+        assert!(took < Duration::from_secs(20), "{host}: {took:?}");
+    }
+    let status = status_json(&daemon);
+    let listed = status["fallbacks"].as_array().expect("fallbacks");
+    assert_eq!(listed.len(), 2, "{status:#}");
+    for f in listed {
+        assert_eq!(f["digest"], digest.as_str(), "{f:#}");
+        assert!(f["reason"].as_str().unwrap().contains(&digest), "{f:#}");
+    }
+    assert_eq!(status["fallbacks_total"], 2);
+}
+
+fn status_socket(daemon: &Daemon) -> PathBuf {
+    daemon
+        .address
+        .parent()
+        .unwrap()
+        .join("rstargz-metrics.sock")
+}
+
+/// Runs `rstargz status --address <socket> ARGS`; panics unless it succeeds.
+fn rstargz_status(daemon: &Daemon, args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_rstargz"))
+        .arg("status")
+        .arg("--address")
+        .arg(status_socket(daemon))
+        .args(args)
+        .output()
+        .expect("run rstargz status");
+    assert!(
+        o.status.success(),
+        "rstargz status {args:?}: {}\nlog:\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        daemon.log_tail()
+    );
+    String::from_utf8(o.stdout).expect("UTF-8")
+}
+
+fn status_json(daemon: &Daemon) -> serde_json::Value {
+    serde_json::from_str(&rstargz_status(daemon, &["--json"])).expect("status JSON")
+}
+
+/// FUSE mounts of ours below the daemon's directory.
+fn fuse_mounts(daemon: &Daemon) -> Vec<String> {
+    let dir: &Path = daemon.address.parent().unwrap();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter(|l| l.contains(" - fuse.rstargz "))
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .map(str::to_string)
+        .collect()
 }
 
 fn run_in(ctrd: &Containerd, r: &str, cmd: &[&str]) -> String {

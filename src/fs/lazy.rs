@@ -9,8 +9,9 @@
 //! (bounded) so that a container created right after the pull finds its
 //! prioritized files cached.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -75,6 +76,21 @@ pub struct LayerStatus {
     pub stats: StatsSnapshot,
 }
 
+/// How many recent fallbacks [`LazyFs::fallbacks`] keeps.
+pub const FALLBACK_HISTORY: usize = 64;
+
+/// A layer that was not mounted lazily, and why (`rstargz status`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Fallback {
+    /// Seconds since the Unix epoch.
+    pub at_unix_secs: u64,
+    pub mountpoint: PathBuf,
+    /// From the labels, when present.
+    pub reference: Option<String>,
+    pub digest: Option<String>,
+    pub reason: String,
+}
+
 struct Mounted {
     layer: Arc<Layer<DynFetcher>>,
     handle: Option<MountHandle>,
@@ -89,6 +105,8 @@ pub struct LazyFs {
     base: LayerContext,
     rt: tokio::runtime::Handle,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
+    fallbacks: Mutex<VecDeque<Fallback>>,
+    fallbacks_total: AtomicU64,
 }
 
 impl LazyFs {
@@ -116,6 +134,8 @@ impl LazyFs {
             base: LayerContext::new(layer, caches),
             rt,
             mounts: Mutex::new(HashMap::new()),
+            fallbacks: Mutex::new(VecDeque::with_capacity(FALLBACK_HISTORY)),
+            fallbacks_total: AtomicU64::new(0),
         })
     }
 
@@ -135,6 +155,46 @@ impl LazyFs {
             .collect();
         out.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
         out
+    }
+
+    /// Fallbacks since start, and the most recent ones (oldest first).
+    pub fn fallbacks(&self) -> (u64, Vec<Fallback>) {
+        let ring = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            self.fallbacks_total.load(Ordering::Relaxed),
+            ring.iter().cloned().collect(),
+        )
+    }
+
+    fn record_fallback(
+        &self,
+        mountpoint: &Path,
+        labels: &BTreeMap<String, String>,
+        reason: &RemoteError,
+    ) {
+        let find = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| labels.get(*k))
+                .filter(|v| !v.is_empty())
+                .cloned()
+        };
+        let at_unix_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let f = Fallback {
+            at_unix_secs,
+            mountpoint: mountpoint.to_path_buf(),
+            reference: find(&IMAGE_REF_LABELS),
+            digest: find(&LAYER_DIGEST_LABELS),
+            reason: reason.to_string(),
+        };
+        self.fallbacks_total.fetch_add(1, Ordering::Relaxed);
+        let mut ring = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
+        if ring.len() >= FALLBACK_HISTORY {
+            ring.pop_front();
+        }
+        ring.push_back(f);
     }
 
     /// The caches shared by every layer.
@@ -170,18 +230,9 @@ impl LazyFs {
             .map_err(|e| format!("opening layer {digest} of {reference}: {e}"))?;
         Ok((layer, reference.to_string(), digest.to_string()))
     }
-}
 
-fn first_label<'a>(labels: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a str> {
-    keys.iter()
-        .find_map(|k| labels.get(*k))
-        .map(String::as_str)
-        .filter(|v| !v.is_empty())
-}
-
-#[async_trait]
-impl RemoteFs for LazyFs {
-    async fn mount(
+    /// `RemoteFs::mount` without the fallback bookkeeping.
+    async fn mount_layer(
         &self,
         mountpoint: &Path,
         labels: &BTreeMap<String, String>,
@@ -238,6 +289,28 @@ impl RemoteFs for LazyFs {
             release(old).await;
         }
         Ok(())
+    }
+}
+
+fn first_label<'a>(labels: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| labels.get(*k))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+#[async_trait]
+impl RemoteFs for LazyFs {
+    async fn mount(
+        &self,
+        mountpoint: &Path,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteError> {
+        let r = self.mount_layer(mountpoint, labels).await;
+        if let Err(e) = &r {
+            self.record_fallback(mountpoint, labels, e);
+        }
+        r
     }
 
     async fn check(

@@ -1,6 +1,7 @@
 //! The remote filesystem: FUSE mounts of eStargz layers, registry range
 //! reads, and the chunk caches. See ARCHITECTURE.md for the thread model.
 //!
+//! - [`status`]: the daemon's `/status` and `/metrics` HTTP endpoint.
 //! - [`lazy`]: [`lazy::LazyFs`], the snapshotter's `RemoteFs`: labels → layer → FUSE mount.
 //! - [`fuse`]: the read-only FUSE filesystem of one layer (fuser).
 //! - [`content`]: the [`ContentSource`] seam the FUSE filesystem reads from.
@@ -16,5 +17,6 @@ pub mod fuse;
 pub mod layer;
 pub mod lazy;
 pub mod registry;
+pub mod status;
 
 pub use content::{ContentSource, ReadError, ReadFuture};

@@ -37,6 +37,8 @@ pub struct Config {
     /// Layer reads and caches (`[layer]`). An unset `disk_cache_dir` means
     /// `<root>/cache`.
     pub layer: crate::fs::layer::LayerConfig,
+    /// The `/status` and `/metrics` endpoint (`[metrics]`).
+    pub metrics: crate::fs::status::MetricsConfig,
 }
 
 /// Thread budget of the daemon.
@@ -62,6 +64,7 @@ impl Default for Config {
             fs: Default::default(),
             registry: Default::default(),
             layer: Default::default(),
+            metrics: Default::default(),
         }
     }
 }
@@ -140,6 +143,13 @@ impl Config {
             return bad(format!(
                 "log_level {:?} is not one of error, warn, info, debug, trace (or a tracing directive)",
                 self.log_level
+            ));
+        }
+        if let Some(a) = &self.metrics.address
+            && (!a.is_absolute() || a.as_os_str().len() > 107)
+        {
+            return bad(format!(
+                "metrics.address must be an absolute socket path of at most 107 bytes, got {a:?}"
             ));
         }
         if let Err(e) = self.layer.validate() {
