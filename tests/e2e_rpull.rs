@@ -165,7 +165,12 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         let total = l["stats"]["blob_size"].as_u64().unwrap();
         eprintln!("status: {} fetched {fetched} of {total}", want.digest);
         assert_eq!(total, want.size, "{l:#}");
-        assert!(fetched > 0 && fetched < total, "{l:#}");
+        assert!(fetched > 0 && fetched <= total, "{l:#}");
+        // A small layer lies wholly inside the tail read made at open; a
+        // large one must be fetched only in part.
+        if total > 1 << 20 {
+            assert!(fetched < total, "{l:#}");
+        }
     }
     let table = rstargz_status(&daemon, &[]);
     eprintln!("rstargz status:\n{table}");
@@ -183,7 +188,10 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
 
     // kill -9 the daemon with both layers mounted, start it again: the
     // remote snapshots are remounted from the metadata before it serves.
+    let served_before_restart = registry.blob_bytes_served();
     daemon.restart(true);
+    let reconnect = ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
+    eprintln!("containerd reached the restarted daemon after {reconnect:?}");
     let status = status_json(&daemon);
     assert_eq!(
         status["layers"].as_array().map(Vec::len),
@@ -193,23 +201,35 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     );
     assert_eq!(fuse_mounts(&daemon).len(), conv.layers.len());
     // A new container from the already pulled image sees the right files,
-    // mostly from the disk cache the first daemon filled.
-    let served_before_restart_runs = registry.blob_bytes_served();
+    // from the disk cache the first daemon filled: the registry serves the
+    // remount's tail reads (footer, TOC) and nothing for the files read.
     let out = run_in(&ctrd, &r, &["cat", "/etc/debian_version"]);
     assert_eq!(out.as_bytes(), &want[..]);
     let out = run_in(&ctrd, &r, &[image::SCRIPT_PATH]);
     assert_eq!(out.trim(), image::SCRIPT_OUTPUT);
-    let served_after_restart = registry.blob_bytes_served() - served_before_restart_runs;
-    let status = status_json(&daemon);
-    let from_disk: u64 = status["layers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["stats"]["chunks_from_disk"].as_u64().unwrap_or(0))
-        .sum();
+    let served_after_restart = registry.blob_bytes_served() - served_before_restart;
     eprintln!(
-        "after kill -9 + restart: registry served {served_after_restart} bytes for the runs \
-         (first daemon: {served}); chunks from disk: {from_disk}"
+        "rstargz status after the restart:\n{}",
+        rstargz_status(&daemon, &[])
+    );
+    let status = status_json(&daemon);
+    let sum = |field: &str| -> u64 {
+        status["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["stats"][field].as_u64().unwrap_or(0))
+            .sum()
+    };
+    let (from_disk, from_network) = (sum("chunks_from_disk"), sum("chunks_from_network"));
+    eprintln!(
+        "after kill -9 + restart: registry served {served_after_restart} bytes for the \
+         remount and the runs (first daemon: {served}); chunks from disk: {from_disk}, \
+         from the network: {from_network}"
+    );
+    assert_eq!(
+        from_network, 0,
+        "files read before were fetched again: {status:#}"
     );
     assert!(
         served_after_restart < served,
