@@ -398,6 +398,72 @@ mod tests {
         assert!(c.tcp_address.is_none(), "no TCP port by default");
     }
 
+    use crate::snapshotter::RemoteFs;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn lazy_fs(dir: &Path) -> Arc<LazyFs> {
+        let fs = LazyFs::new(
+            Default::default(),
+            Default::default(),
+            Default::default(),
+            &dir.join("cache"),
+            tokio::runtime::Handle::current(),
+        )
+        .unwrap();
+        Arc::new(fs)
+    }
+
+    async fn get(sock: &Path, path: &str) -> String {
+        let mut s = tokio::net::UnixStream::connect(sock).await.unwrap();
+        let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_status_metrics_and_bounded_fallbacks() {
+        let d = tempfile::tempdir().unwrap();
+        let fs = lazy_fs(d.path()).await;
+        // Declined mounts are fallbacks; the ring keeps the newest ones.
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert(
+            "containerd.io/snapshot/cri.layer-digest".to_string(),
+            "sha256:aa".to_string(),
+        );
+        for i in 0..crate::fs::lazy::FALLBACK_HISTORY + 3 {
+            let mp = d.path().join(format!("m{i}"));
+            assert!(fs.mount(&mp, &labels).await.is_err());
+        }
+        let (total, ring) = fs.fallbacks();
+        assert_eq!(total, crate::fs::lazy::FALLBACK_HISTORY as u64 + 3);
+        assert_eq!(ring.len(), crate::fs::lazy::FALLBACK_HISTORY);
+        assert_eq!(ring[0].mountpoint, d.path().join("m3"), "oldest dropped");
+        assert_eq!(ring[0].digest.as_deref(), Some("sha256:aa"));
+        assert!(ring[0].reason.contains("image reference"), "{:?}", ring[0]);
+
+        let sock = d.path().join("s.sock");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(fs, listener, async {
+            let _ = rx.await;
+        }));
+        let status = get(&sock, "/status").await;
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+        assert!(status.contains("application/json"), "{status}");
+        let body = status.split_once("\r\n\r\n").unwrap().1;
+        let v: serde_json::Value = serde_json::from_str(body).unwrap();
+        assert_eq!(v["fallbacks_total"], total);
+        assert_eq!(v["layers"].as_array().unwrap().len(), 0);
+        let metrics = get(&sock, "/metrics").await;
+        let line = format!("rstargz_fallbacks_total {total}\n");
+        assert!(metrics.contains(&line), "{metrics}");
+        assert!(get(&sock, "/nope").await.starts_with("HTTP/1.1 404"));
+        let _ = tx.send(());
+        server.await.unwrap();
+    }
+
     #[test]
     fn empty_report_renders_globals_only() {
         let r = StatusReport {
