@@ -124,6 +124,18 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         daemon.log_tail()
     );
 
+    // Preparing the bottom layer pre-warmed the one above (its labels name
+    // it), so that layer opened from memory.
+    let prewarmed = daemon.log().matches("prewarmed=true").count();
+    eprintln!("layers opened from a pre-warmed tail: {prewarmed}");
+    if EXPECT_REMOTE && conv.layers.len() > 1 {
+        assert!(
+            prewarmed >= 1,
+            "no layer was pre-warmed:\n{}",
+            daemon.log_tail()
+        );
+    }
+
     let want = img
         .rootfs
         .read_file("/etc/debian_version")

@@ -24,6 +24,7 @@ use crate::fs::layer::{
     DynFetcher, Layer, LayerConfig, LayerContext, PrefetchState, StatsSnapshot, TocCheck, Trust,
     open_layer,
 };
+use crate::fs::prewarm::{self, Prewarm, WarmFetcher};
 use crate::fs::registry::{Reference, RegistryClient, RegistryConfig};
 use crate::snapshotter::{RemoteError, RemoteFs};
 
@@ -107,6 +108,7 @@ pub struct LazyFs {
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
     fallbacks: Mutex<VecDeque<Fallback>>,
     fallbacks_total: AtomicU64,
+    prewarm: Prewarm,
 }
 
 impl LazyFs {
@@ -136,6 +138,7 @@ impl LazyFs {
             mounts: Mutex::new(HashMap::new()),
             fallbacks: Mutex::new(VecDeque::with_capacity(FALLBACK_HISTORY)),
             fallbacks_total: AtomicU64::new(0),
+            prewarm: Prewarm::default(),
         })
     }
 
@@ -211,7 +214,7 @@ impl LazyFs {
     async fn open(
         &self,
         labels: &HashMap<String, String>,
-    ) -> Result<(Layer<DynFetcher>, String, String), String> {
+    ) -> Result<(Layer<DynFetcher>, String, String, bool), String> {
         let reference = first_label(labels, &IMAGE_REF_LABELS)
             .ok_or("no image reference label (cri.image-ref or stargz.reference)")?;
         let digest = first_label(labels, &LAYER_DIGEST_LABELS)
@@ -219,16 +222,32 @@ impl LazyFs {
         let check = TocCheck::from_labels(labels, self.config.allow_no_verification)?;
         let parsed = Reference::parse(reference)
             .map_err(|e| format!("image reference {reference:?}: {e}"))?;
-        let blob = self
-            .client
-            .blob(&parsed, digest)
-            .map_err(|e| format!("layer {digest}: {e}"))?;
-        let fetcher = DynFetcher(Arc::new(blob));
+        // The layers above this one: resolve them while this one opens.
+        let neighbours = prewarm::neighbours(labels, |d| {
+            d == digest || self.lock().values().any(|m| m.digest == d)
+        });
+        self.prewarm
+            .start(&self.client, &parsed, neighbours, &self.base.reader);
+        let warm = self.prewarm.take(digest).await;
+        let blob = match &warm {
+            Some(w) => self.client.blob_with_size(&parsed, digest, w.size),
+            None => self.client.blob(&parsed, digest),
+        }
+        .map_err(|e| format!("layer {digest}: {e}"))?;
+        let fetcher = match &warm {
+            Some(w) => DynFetcher(Arc::new(WarmFetcher::new(DynFetcher(Arc::new(blob)), w))),
+            None => DynFetcher(Arc::new(blob)),
+        };
         let ctx = self.base.clone().with_labels(labels);
         let layer = open_layer(fetcher, check, ctx)
             .await
             .map_err(|e| format!("opening layer {digest} of {reference}: {e}"))?;
-        Ok((layer, reference.to_string(), digest.to_string()))
+        Ok((
+            layer,
+            reference.to_string(),
+            digest.to_string(),
+            warm.is_some(),
+        ))
     }
 
     /// `RemoteFs::mount` without the fallback bookkeeping.
@@ -243,7 +262,8 @@ impl LazyFs {
             ));
         }
         let labels: HashMap<String, String> = labels.clone().into_iter().collect();
-        let (layer, reference, digest) = self.open(&labels).await.map_err(RemoteError::new)?;
+        let (layer, reference, digest, prewarmed) =
+            self.open(&labels).await.map_err(RemoteError::new)?;
         let layer = Arc::new(layer);
         let fs = LayerFs::new(
             layer.index_arc(),
@@ -274,6 +294,7 @@ impl LazyFs {
             reference = %reference,
             digest = %digest,
             verified = matches!(layer.trust(), Trust::Verified { .. }),
+            prewarmed,
             "layer mounted lazily"
         );
         let old = self.lock().insert(

@@ -1,6 +1,7 @@
 //! The remote filesystem: FUSE mounts of eStargz layers, registry range
 //! reads, and the chunk caches. See ARCHITECTURE.md for the thread model.
 //!
+//! - [`prewarm`]: blob size and tail of the layers above, fetched ahead.
 //! - [`status`]: the daemon's `/status` and `/metrics` HTTP endpoint.
 //! - [`lazy`]: [`lazy::LazyFs`], the snapshotter's `RemoteFs`: labels → layer → FUSE mount.
 //! - [`fuse`]: the read-only FUSE filesystem of one layer (fuser).
@@ -16,6 +17,7 @@ pub mod content;
 pub mod fuse;
 pub mod layer;
 pub mod lazy;
+pub mod prewarm;
 pub mod registry;
 pub mod status;
 
