@@ -350,8 +350,9 @@ fn rpull_plain_gzip_falls_back_with_reason() {
 }
 
 /// A `Prepare` whose layer lives on a registry that cannot be reached
-/// (nothing listening; an address that never answers) falls back within
-/// the configured timeouts, with the reason listed by `rstargz status`.
+/// (nothing listening; an unroutable address; a listener that never
+/// answers) falls back within the configured timeouts (2 attempts of at
+/// most 2 s here), with the reason listed by `rstargz status`.
 #[test]
 fn prepare_with_unreachable_registry_falls_back_in_time() {
     use rstargz::proto::snapshots::PrepareSnapshotRequest;
@@ -360,12 +361,18 @@ fn prepare_with_unreachable_registry_falls_back_in_time() {
         "[registry]\nconnect_timeout_ms = 500\nrequest_timeout_ms = 2000\nmax_attempts = 2\n";
     let daemon = Daemon::start_with_config(Some(config));
     let port = support::free_port();
+    // Accepts connections (the kernel's backlog) and never answers: only
+    // the request timeout ends a request to it.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
     let digest = format!("sha256:{}", "ab".repeat(32));
     let rt = tokio::runtime::Runtime::new().unwrap();
-    for (i, host) in [format!("127.0.0.1:{port}"), "10.255.255.1:5000".to_string()]
-        .iter()
-        .enumerate()
-    {
+    let hosts = [
+        format!("127.0.0.1:{port}"),
+        "10.255.255.1:5000".to_string(),
+        silent_addr.to_string(),
+    ];
+    for (i, host) in hosts.iter().enumerate() {
         let labels = [
             ("containerd.io/snapshot.ref", format!("chain-{i}")),
             (
@@ -404,12 +411,13 @@ fn prepare_with_unreachable_registry_falls_back_in_time() {
     }
     let status = status_json(&daemon);
     let listed = status["fallbacks"].as_array().expect("fallbacks");
-    assert_eq!(listed.len(), 2, "{status:#}");
+    assert_eq!(listed.len(), hosts.len(), "{status:#}");
     for f in listed {
         assert_eq!(f["digest"], digest.as_str(), "{f:#}");
         assert!(f["reason"].as_str().unwrap().contains(&digest), "{f:#}");
     }
-    assert_eq!(status["fallbacks_total"], 2);
+    assert_eq!(status["fallbacks_total"], hosts.len());
+    drop(silent);
 }
 
 fn status_socket(daemon: &Daemon) -> PathBuf {

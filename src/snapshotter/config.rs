@@ -237,6 +237,30 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("107"));
+        let mut c = Config::default();
+        c.metrics.address = Some("rel.sock".into());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("metrics.address")
+        );
+    }
+
+    #[test]
+    fn metrics_section() {
+        let c = Config::from_toml(
+            "[metrics]\naddress = \"/run/m.sock\"\ntcp_address = \"127.0.0.1:9101\"\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.metrics.address, Some(PathBuf::from("/run/m.sock")));
+        assert_eq!(
+            c.metrics.tcp_address,
+            Some("127.0.0.1:9101".parse().unwrap())
+        );
+        assert!(Config::default().metrics.tcp_address.is_none());
     }
 
     #[test]
