@@ -469,3 +469,124 @@ fn run_in(ctrd: &Containerd, r: &str, cmd: &[&str]) -> String {
     eprintln!("ctr run {cmd:?}: {:?}", t.elapsed());
     o.stdout
 }
+
+/// What `docs/restart.md` says about containers running through a daemon
+/// `kill -9`: their overlay keeps the old FUSE mounts, whose connection died
+/// with the daemon, so a file they had not read fails (ENOTCONN) even though
+/// the restarted daemon remounted the layers for new containers. This pins
+/// the current behaviour (fd handover, issue 7, would change it).
+#[test]
+fn running_container_loses_uncached_reads_after_daemon_kill9() {
+    support::require_prerequisites();
+    let layout = support::temp_dir("layout");
+    let img = image::debian_image(layout.path(), "1");
+    let mut registry = Registry::start();
+    let src = registry.push_oci_layout(layout.path(), "1", "e2e/debian");
+    let mut daemon = Daemon::start_with_config(Some(DAEMON_CONFIG));
+    let ctrd = Containerd::start(ContainerdOptions {
+        stargz_proxy: Some(daemon.address.clone()),
+    });
+    let blobs = support::temp_dir("esgz-blobs");
+    let conv = interop::convert_to_estargz_with(
+        &ctrd,
+        &registry,
+        &src,
+        "e2e/debian-esgz",
+        "1",
+        blobs.path(),
+        &["--estargz-compression-level", "1"],
+    );
+    let r = conv.reference.clone();
+    ctrd.ctr(&["images", "rm", "--sync", &src, &r]);
+    ctrd.ctr_remote_timeout(
+        &[
+            "images",
+            "rpull",
+            "--plain-http",
+            "--snapshotter",
+            "stargz",
+            &r,
+        ],
+        Duration::from_secs(300),
+    );
+    assert_eq!(fuse_mounts(&daemon).len(), conv.layers.len());
+    let id = support::unique_name("long");
+    ctrd.run(&["--detach"], "stargz", &r, &id, &["sleep", "600"]);
+    let running = support::wait_for(Duration::from_secs(20), || {
+        (task_status(&ctrd, &id) == "RUNNING").then_some(())
+    });
+    assert!(
+        running.is_some(),
+        "tasks: {}",
+        ctrd.ctr(&["tasks", "ls"]).stdout
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    eprintln!(
+        "task 2 s later, before the restart: {}",
+        task_status(&ctrd, &id)
+    );
+
+    daemon.restart(true);
+    ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
+    eprintln!("task after the restart: {}", task_status(&ctrd, &id));
+    assert_eq!(
+        task_status(&ctrd, &id),
+        "RUNNING",
+        "the process itself lives on"
+    );
+    let exec_id = support::unique_name("exec");
+    let exec = ctrd.try_ctr(
+        &[
+            "tasks",
+            "exec",
+            "--exec-id",
+            &exec_id,
+            &id,
+            "cat",
+            "/etc/debian_version",
+        ],
+        Duration::from_secs(60),
+    );
+    eprintln!("exec in the running container after kill -9: {exec:?}");
+    let want = img
+        .rootfs
+        .read_file("/etc/debian_version")
+        .expect("/etc/debian_version in the rootfs");
+    match &exec {
+        Ok(o) => assert_ne!(
+            o.stdout.as_bytes(),
+            &want[..],
+            "the running container read an uncached file after the restart: \
+             docs/restart.md is out of date"
+        ),
+        // runc's PATH lookup goes through the dead FUSE mount: ENOTCONN,
+        // reported as "executable file not found".
+        Err(e) => assert!(
+            e.contains("not connected") || e.contains("not found"),
+            "{e}"
+        ),
+    }
+    // New containers are fine.
+    let out = run_in(&ctrd, &r, &["cat", "/etc/debian_version"]);
+    assert_eq!(out.as_bytes(), &want[..]);
+
+    let _ = ctrd.try_ctr(
+        &["tasks", "kill", "--signal", "SIGKILL", &id],
+        Duration::from_secs(30),
+    );
+    let _ = support::wait_for(Duration::from_secs(20), || {
+        ctrd.try_ctr(&["tasks", "delete", &id], Duration::from_secs(20))
+            .ok()
+    });
+    let _ = ctrd.try_ctr(&["containers", "delete", &id], Duration::from_secs(20));
+}
+
+fn task_status(ctrd: &Containerd, id: &str) -> String {
+    ctrd.ctr(&["tasks", "ls"])
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&id))
+        .and_then(|f| f.get(2).map(|s| s.to_string()))
+        .unwrap_or_default()
+}
