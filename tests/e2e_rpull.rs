@@ -204,6 +204,16 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     daemon.restart(true);
     let reconnect = ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
     eprintln!("containerd reached the restarted daemon after {reconnect:?}");
+    // Both layers were remounted before the gRPC socket was served.
+    let log = daemon.log();
+    let serving = log.rfind(" serving ").expect("serving line in the log");
+    let restored = log[..serving].matches("remote snapshot restored").count();
+    assert_eq!(
+        restored,
+        conv.layers.len(),
+        "layers restored before serving:\n{}",
+        daemon.log_tail()
+    );
     let status = status_json(&daemon);
     assert_eq!(
         status["layers"].as_array().map(Vec::len),
