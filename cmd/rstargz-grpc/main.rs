@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use rstargz::fs::lazy::LazyFs;
+use rstargz::fs::status;
 use rstargz::snapshotter::config::{Config, DEFAULT_CONFIG_PATH};
 use rstargz::snapshotter::{NoRemote, RemoteFs, run};
 
@@ -82,6 +83,43 @@ async fn shutdown_signal() {
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
 
+/// The running status endpoint; [`StatusServer::stop`] ends it and
+/// removes its socket.
+struct StatusServer {
+    socket: PathBuf,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl StatusServer {
+    fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+/// Binds the status socket (and the TCP address when configured) and
+/// serves `/status` and `/metrics` from `fs` in the background.
+async fn start_status(config: &Config, fs: Arc<LazyFs>) -> anyhow::Result<StatusServer> {
+    use anyhow::Context;
+    let socket = config.metrics.socket_path(&config.address);
+    let unix = rstargz::snapshotter::bind_socket(&socket)
+        .with_context(|| format!("listening on {}", socket.display()))?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(addr) = config.metrics.tcp_address {
+        let tcp = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listening on {addr}"))?;
+        tracing::info!(address = %addr, "status endpoint on TCP");
+        tokio::spawn(status::serve(fs.clone(), tcp, stopped(rx.clone())));
+    }
+    tracing::info!(address = %socket.display(), "status endpoint");
+    tokio::spawn(status::serve(fs, unix, stopped(rx)));
+    Ok(StatusServer { socket, stop: tx })
+}
+
 fn main() -> ExitCode {
     let config = match load(Flags::parse()) {
         Ok(c) => c,
@@ -116,6 +154,7 @@ fn main() -> ExitCode {
             tracing::warn!(error = %e, "systemd readiness notification failed");
         }
     };
+    let mut lazy: Option<Arc<LazyFs>> = None;
     let remote: Arc<dyn RemoteFs> = if config.fs.enabled {
         let fs = LazyFs::new(
             config.fs.clone(),
@@ -125,7 +164,11 @@ fn main() -> ExitCode {
             rt.handle().clone(),
         );
         match fs {
-            Ok(fs) => Arc::new(fs),
+            Ok(fs) => {
+                let fs = Arc::new(fs);
+                lazy = Some(fs.clone());
+                fs
+            }
             Err(e) => {
                 eprintln!("rstargz-grpc: cannot set up lazy pulling: {e:#}");
                 return ExitCode::FAILURE;
@@ -134,7 +177,21 @@ fn main() -> ExitCode {
     } else {
         Arc::new(NoRemote)
     };
-    match rt.block_on(run(&config, remote, shutdown_signal(), ready)) {
+    let status = match lazy.filter(|_| config.metrics.enabled) {
+        Some(fs) => match rt.block_on(start_status(&config, fs)) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("rstargz-grpc: status endpoint: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let result = rt.block_on(run(&config, remote, shutdown_signal(), ready));
+    if let Some(s) = status {
+        s.stop();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "rstargz-grpc failed");

@@ -2,6 +2,7 @@
 
 mod blob;
 mod blob_build;
+mod status;
 
 use std::process::ExitCode;
 
@@ -25,12 +26,15 @@ enum Command {
         #[command(subcommand)]
         command: blob::BlobCommand,
     },
+    /// Show the daemon's lazily mounted layers, caches and fallbacks.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Blob { command } => blob::run(command),
+        Command::Status(args) => status::run(args),
     };
     match res {
         Ok(code) => code,

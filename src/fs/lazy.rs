@@ -9,8 +9,9 @@
 //! (bounded) so that a container created right after the pull finds its
 //! prioritized files cached.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -23,6 +24,7 @@ use crate::fs::layer::{
     DynFetcher, Layer, LayerConfig, LayerContext, PrefetchState, StatsSnapshot, TocCheck, Trust,
     open_layer,
 };
+use crate::fs::prewarm::{self, Prewarm, WarmFetcher};
 use crate::fs::registry::{Reference, RegistryClient, RegistryConfig};
 use crate::snapshotter::{RemoteError, RemoteFs};
 
@@ -75,6 +77,21 @@ pub struct LayerStatus {
     pub stats: StatsSnapshot,
 }
 
+/// How many recent fallbacks [`LazyFs::fallbacks`] keeps.
+pub const FALLBACK_HISTORY: usize = 64;
+
+/// A layer that was not mounted lazily, and why (`rstargz status`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Fallback {
+    /// Seconds since the Unix epoch.
+    pub at_unix_secs: u64,
+    pub mountpoint: PathBuf,
+    /// From the labels, when present.
+    pub reference: Option<String>,
+    pub digest: Option<String>,
+    pub reason: String,
+}
+
 struct Mounted {
     layer: Arc<Layer<DynFetcher>>,
     handle: Option<MountHandle>,
@@ -89,6 +106,9 @@ pub struct LazyFs {
     base: LayerContext,
     rt: tokio::runtime::Handle,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
+    fallbacks: Mutex<VecDeque<Fallback>>,
+    fallbacks_total: AtomicU64,
+    prewarm: Prewarm,
 }
 
 impl LazyFs {
@@ -116,6 +136,9 @@ impl LazyFs {
             base: LayerContext::new(layer, caches),
             rt,
             mounts: Mutex::new(HashMap::new()),
+            fallbacks: Mutex::new(VecDeque::with_capacity(FALLBACK_HISTORY)),
+            fallbacks_total: AtomicU64::new(0),
+            prewarm: Prewarm::default(),
         })
     }
 
@@ -137,6 +160,46 @@ impl LazyFs {
         out
     }
 
+    /// Fallbacks since start, and the most recent ones (oldest first).
+    pub fn fallbacks(&self) -> (u64, Vec<Fallback>) {
+        let ring = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            self.fallbacks_total.load(Ordering::Relaxed),
+            ring.iter().cloned().collect(),
+        )
+    }
+
+    fn record_fallback(
+        &self,
+        mountpoint: &Path,
+        labels: &BTreeMap<String, String>,
+        reason: &RemoteError,
+    ) {
+        let find = |keys: &[&str]| {
+            keys.iter()
+                .find_map(|k| labels.get(*k))
+                .filter(|v| !v.is_empty())
+                .cloned()
+        };
+        let at_unix_secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let f = Fallback {
+            at_unix_secs,
+            mountpoint: mountpoint.to_path_buf(),
+            reference: find(&IMAGE_REF_LABELS),
+            digest: find(&LAYER_DIGEST_LABELS),
+            reason: reason.to_string(),
+        };
+        self.fallbacks_total.fetch_add(1, Ordering::Relaxed);
+        let mut ring = self.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
+        if ring.len() >= FALLBACK_HISTORY {
+            ring.pop_front();
+        }
+        ring.push_back(f);
+    }
+
     /// The caches shared by every layer.
     pub fn caches(&self) -> &Caches {
         &self.base.caches
@@ -151,7 +214,7 @@ impl LazyFs {
     async fn open(
         &self,
         labels: &HashMap<String, String>,
-    ) -> Result<(Layer<DynFetcher>, String, String), String> {
+    ) -> Result<(Layer<DynFetcher>, String, String, bool), String> {
         let reference = first_label(labels, &IMAGE_REF_LABELS)
             .ok_or("no image reference label (cri.image-ref or stargz.reference)")?;
         let digest = first_label(labels, &LAYER_DIGEST_LABELS)
@@ -159,29 +222,36 @@ impl LazyFs {
         let check = TocCheck::from_labels(labels, self.config.allow_no_verification)?;
         let parsed = Reference::parse(reference)
             .map_err(|e| format!("image reference {reference:?}: {e}"))?;
-        let blob = self
-            .client
-            .blob(&parsed, digest)
-            .map_err(|e| format!("layer {digest}: {e}"))?;
-        let fetcher = DynFetcher(Arc::new(blob));
+        // The layers above this one: resolve them while this one opens.
+        let neighbours = prewarm::neighbours(labels, |d| {
+            d == digest || self.lock().values().any(|m| m.digest == d)
+        });
+        self.prewarm
+            .start(&self.client, &parsed, neighbours, &self.base.reader);
+        let warm = self.prewarm.take(digest).await;
+        let blob = match &warm {
+            Some(w) => self.client.blob_with_size(&parsed, digest, w.size),
+            None => self.client.blob(&parsed, digest),
+        }
+        .map_err(|e| format!("layer {digest}: {e}"))?;
+        let fetcher = match &warm {
+            Some(w) => DynFetcher(Arc::new(WarmFetcher::new(DynFetcher(Arc::new(blob)), w))),
+            None => DynFetcher(Arc::new(blob)),
+        };
         let ctx = self.base.clone().with_labels(labels);
         let layer = open_layer(fetcher, check, ctx)
             .await
             .map_err(|e| format!("opening layer {digest} of {reference}: {e}"))?;
-        Ok((layer, reference.to_string(), digest.to_string()))
+        Ok((
+            layer,
+            reference.to_string(),
+            digest.to_string(),
+            warm.is_some(),
+        ))
     }
-}
 
-fn first_label<'a>(labels: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a str> {
-    keys.iter()
-        .find_map(|k| labels.get(*k))
-        .map(String::as_str)
-        .filter(|v| !v.is_empty())
-}
-
-#[async_trait]
-impl RemoteFs for LazyFs {
-    async fn mount(
+    /// `RemoteFs::mount` without the fallback bookkeeping.
+    async fn mount_layer(
         &self,
         mountpoint: &Path,
         labels: &BTreeMap<String, String>,
@@ -192,7 +262,8 @@ impl RemoteFs for LazyFs {
             ));
         }
         let labels: HashMap<String, String> = labels.clone().into_iter().collect();
-        let (layer, reference, digest) = self.open(&labels).await.map_err(RemoteError::new)?;
+        let (layer, reference, digest, prewarmed) =
+            self.open(&labels).await.map_err(RemoteError::new)?;
         let layer = Arc::new(layer);
         let fs = LayerFs::new(
             layer.index_arc(),
@@ -223,6 +294,7 @@ impl RemoteFs for LazyFs {
             reference = %reference,
             digest = %digest,
             verified = matches!(layer.trust(), Trust::Verified { .. }),
+            prewarmed,
             "layer mounted lazily"
         );
         let old = self.lock().insert(
@@ -238,6 +310,28 @@ impl RemoteFs for LazyFs {
             release(old).await;
         }
         Ok(())
+    }
+}
+
+fn first_label<'a>(labels: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a str> {
+    keys.iter()
+        .find_map(|k| labels.get(*k))
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+#[async_trait]
+impl RemoteFs for LazyFs {
+    async fn mount(
+        &self,
+        mountpoint: &Path,
+        labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteError> {
+        let r = self.mount_layer(mountpoint, labels).await;
+        if let Err(e) = &r {
+            self.record_fallback(mountpoint, labels, e);
+        }
+        r
     }
 
     async fn check(

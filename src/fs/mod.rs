@@ -1,6 +1,8 @@
 //! The remote filesystem: FUSE mounts of eStargz layers, registry range
 //! reads, and the chunk caches. See ARCHITECTURE.md for the thread model.
 //!
+//! - [`prewarm`]: blob size and tail of the layers above, fetched ahead.
+//! - [`status`]: the daemon's `/status` and `/metrics` HTTP endpoint.
 //! - [`lazy`]: [`lazy::LazyFs`], the snapshotter's `RemoteFs`: labels → layer → FUSE mount.
 //! - [`fuse`]: the read-only FUSE filesystem of one layer (fuser).
 //! - [`content`]: the [`ContentSource`] seam the FUSE filesystem reads from.
@@ -15,6 +17,8 @@ pub mod content;
 pub mod fuse;
 pub mod layer;
 pub mod lazy;
+pub mod prewarm;
 pub mod registry;
+pub mod status;
 
 pub use content::{ContentSource, ReadError, ReadFuture};

@@ -37,6 +37,8 @@ pub struct Config {
     /// Layer reads and caches (`[layer]`). An unset `disk_cache_dir` means
     /// `<root>/cache`.
     pub layer: crate::fs::layer::LayerConfig,
+    /// The `/status` and `/metrics` endpoint (`[metrics]`).
+    pub metrics: crate::fs::status::MetricsConfig,
 }
 
 /// Thread budget of the daemon.
@@ -62,6 +64,7 @@ impl Default for Config {
             fs: Default::default(),
             registry: Default::default(),
             layer: Default::default(),
+            metrics: Default::default(),
         }
     }
 }
@@ -140,6 +143,13 @@ impl Config {
             return bad(format!(
                 "log_level {:?} is not one of error, warn, info, debug, trace (or a tracing directive)",
                 self.log_level
+            ));
+        }
+        if let Some(a) = &self.metrics.address
+            && (!a.is_absolute() || a.as_os_str().len() > 107)
+        {
+            return bad(format!(
+                "metrics.address must be an absolute socket path of at most 107 bytes, got {a:?}"
             ));
         }
         if let Err(e) = self.layer.validate() {
@@ -227,6 +237,30 @@ mod tests {
             ..Default::default()
         };
         assert!(c.validate().unwrap_err().to_string().contains("107"));
+        let mut c = Config::default();
+        c.metrics.address = Some("rel.sock".into());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("metrics.address")
+        );
+    }
+
+    #[test]
+    fn metrics_section() {
+        let c = Config::from_toml(
+            "[metrics]\naddress = \"/run/m.sock\"\ntcp_address = \"127.0.0.1:9101\"\n",
+            Path::new("c"),
+        )
+        .unwrap();
+        c.validate().unwrap();
+        assert_eq!(c.metrics.address, Some(PathBuf::from("/run/m.sock")));
+        assert_eq!(
+            c.metrics.tcp_address,
+            Some("127.0.0.1:9101".parse().unwrap())
+        );
+        assert!(Config::default().metrics.tcp_address.is_none());
     }
 
     #[test]
