@@ -309,9 +309,11 @@ python_rootfs() {
     die "debootstrap failed (mirror $mirror)"
   fi
   unmount_under "$tmp/rootfs"
-  # Device nodes and apt lists are left out: images ship neither.
-  tar --numeric-owner --sort=name -C "$tmp/rootfs" --exclude=./dev/* --exclude=./proc/* \
-    --exclude=./sys/* --exclude=./var/lib/apt/lists/* -cf "$tmp/rootfs.tar" .
+  # Device nodes, apt lists and the .debs debootstrap leaves in apt's
+  # archive cache are left out: images ship none of them.
+  tar --numeric-owner --sort=name -C "$tmp/rootfs" --exclude='./dev/*' --exclude='./proc/*' \
+    --exclude='./sys/*' --exclude='./var/lib/apt/lists/*' \
+    --exclude='./var/cache/apt/archives/*.deb' -cf "$tmp/rootfs.tar" .
   mv "$tmp/rootfs.tar" "$ROOTFS_TAR"
   rm -rf --one-file-system "$tmp"
   BUILD_TMP=""
