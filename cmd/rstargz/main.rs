@@ -2,6 +2,7 @@
 
 mod blob;
 mod blob_build;
+mod convert;
 
 use std::process::ExitCode;
 
@@ -25,12 +26,15 @@ enum Command {
         #[command(subcommand)]
         command: blob::BlobCommand,
     },
+    /// Convert a registry image to eStargz and push it.
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.command {
         Command::Blob { command } => blob::run(command),
+        Command::Convert(args) => convert::run(args),
     };
     match res {
         Ok(code) => code,
