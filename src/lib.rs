@@ -2,11 +2,13 @@
 //!
 //! - [`estargz`]: the pure format library (footer, TOC, chunk lookup and
 //!   verification, the streaming writer). No async runtime, no FUSE, no HTTP.
+//! - [`convert`]: `rstargz convert`: a registry image to an eStargz image.
 //! - [`fs`]: the remote filesystem side: FUSE mounts, range reads, caches.
 //! - [`snapshotter`]: containerd's snapshots gRPC service, metadata store and
 //!   overlayfs mounts.
 //! - [`proto`]: code generated from `proto/`.
 
+pub mod convert;
 pub mod estargz;
 pub mod fs;
 pub mod snapshotter;

@@ -2,6 +2,7 @@
 
 mod blob;
 mod blob_build;
+mod convert;
 mod status;
 
 use std::process::ExitCode;
@@ -28,6 +29,8 @@ enum Command {
     },
     /// Show the daemon's lazily mounted layers, caches and fallbacks.
     Status(status::StatusArgs),
+    /// Convert a registry image to eStargz and push it.
+    Convert(convert::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +38,7 @@ fn main() -> ExitCode {
     let res = match cli.command {
         Command::Blob { command } => blob::run(command),
         Command::Status(args) => status::run(args),
+        Command::Convert(args) => convert::run(args),
     };
     match res {
         Ok(code) => code,

@@ -287,6 +287,19 @@ impl RegistryClient {
         url: Url,
         headers: &HeaderMap,
     ) -> Result<Sent, Failure> {
+        self.send_registry_body(t, method, url, headers, None).await
+    }
+
+    /// [`RegistryClient::send_registry`] with a request body (pushes). The
+    /// body is cheap to clone, so the request after a 401 resends it.
+    pub(crate) async fn send_registry_body(
+        &self,
+        t: &Target<'_>,
+        method: Method,
+        url: Url,
+        headers: &HeaderMap,
+        body: Option<Bytes>,
+    ) -> Result<Sent, Failure> {
         let host = host_port(&t.endpoint.base);
         let mut cached = self.inner.auth.get(&host, t.scope);
         for round in 0..2 {
@@ -295,6 +308,9 @@ impl RegistryClient {
                 .http(t.endpoint.skip_verify)
                 .request(method.clone(), url.clone())
                 .headers(headers.clone());
+            if let Some(b) = &body {
+                req = req.body(b.clone());
+            }
             if let Some(h) = &cached {
                 req = req.header(AUTHORIZATION, h);
             }

@@ -15,6 +15,8 @@
 //!   [`RangeFetcher`].
 //! - [`range`]: range merging, `Content-Range` and `multipart/byteranges`.
 //! - [`retry`]: jittered exponential backoff and `Retry-After`.
+//! - [`push`]: whole-blob streaming GETs (digest checked as they stream)
+//!   and the push API (blob uploads, `HEAD` to skip, manifest `PUT`).
 //! - [`manifest`]: [`RegistryClient::resolve`] for manifests and indexes.
 //! - [`error`]: [`RegistryError`], with errno and log-reason mappings.
 //! - [`memory`]: [`MemoryBlob`], an in-memory [`RangeFetcher`] for tests.
@@ -45,6 +47,7 @@ pub mod credentials;
 pub mod error;
 pub mod manifest;
 pub mod memory;
+pub mod push;
 pub mod range;
 pub mod reference;
 pub mod retry;
