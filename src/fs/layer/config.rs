@@ -62,7 +62,7 @@ impl Default for LayerConfig {
             background_concurrency: 2,
             background_range_bytes: 4 << 20,
             background_pause_ms: 1000,
-            read_ahead_bytes: 2 << 20,
+            read_ahead_bytes: 512 << 10,
         }
     }
 }
