@@ -160,26 +160,11 @@ fn convert_debian_verify_run_overlayfs_and_lazily() {
     ctrd.ctr(&["images", "rm", "--sync", &dst]);
 
     // Lazily, through our daemon.
-    let t = Instant::now();
-    ctrd.ctr_remote_timeout(
-        &[
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "stargz",
-            &dst,
-        ],
-        Duration::from_secs(300),
-    );
-    eprintln!("ctr-remote images rpull: {:?}", t.elapsed());
+    let rpull_took = ctrd.rpull_stargz(&dst);
+    eprintln!("ctr-remote images rpull: {rpull_took:?}");
     daemon.assert_alive();
     let snaps = ctrd.snapshots("stargz");
-    let committed: Vec<&String> = snaps
-        .iter()
-        .filter(|(_, k)| k == "Committed")
-        .map(|(k, _)| k)
-        .collect();
+    let committed = ctrd.committed_snapshots("stargz");
     assert_eq!(committed.len(), layers.len(), "{snaps:?}");
     for key in &committed {
         let info = ctrd.snapshot_info("stargz", key);

@@ -65,27 +65,12 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     assert!(ctrd.image_names().is_empty(), "{:?}", ctrd.image_names());
 
     let served_before = registry.blob_bytes_served();
-    let t = Instant::now();
-    ctrd.ctr_remote_timeout(
-        &[
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "stargz",
-            &r,
-        ],
-        Duration::from_secs(300),
-    );
-    eprintln!("ctr-remote images rpull: {:?}", t.elapsed());
+    let rpull_took = ctrd.rpull_stargz(&r);
+    eprintln!("ctr-remote images rpull: {rpull_took:?}");
     daemon.assert_alive();
 
     let snaps = ctrd.snapshots("stargz");
-    let committed: Vec<&String> = snaps
-        .iter()
-        .filter(|(_, k)| k == "Committed")
-        .map(|(key, _)| key)
-        .collect();
+    let committed = ctrd.committed_snapshots("stargz");
     assert_eq!(
         committed.len(),
         conv.layers.len(),
@@ -303,17 +288,7 @@ fn rpull_plain_gzip_falls_back_with_reason() {
     let ctrd = Containerd::start(ContainerdOptions {
         stargz_proxy: Some(daemon.address.clone()),
     });
-    ctrd.ctr_remote_timeout(
-        &[
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "stargz",
-            &src,
-        ],
-        Duration::from_secs(300),
-    );
+    ctrd.rpull_stargz(&src);
     daemon.assert_alive();
     let want = img
         .rootfs
@@ -504,17 +479,7 @@ fn running_container_loses_uncached_reads_after_daemon_kill9() {
     );
     let r = conv.reference.clone();
     ctrd.ctr(&["images", "rm", "--sync", &src, &r]);
-    ctrd.ctr_remote_timeout(
-        &[
-            "images",
-            "rpull",
-            "--plain-http",
-            "--snapshotter",
-            "stargz",
-            &r,
-        ],
-        Duration::from_secs(300),
-    );
+    ctrd.rpull_stargz(&r);
     assert_eq!(fuse_mounts(&daemon).len(), conv.layers.len());
     let id = support::unique_name("long");
     ctrd.run(&["--detach"], "stargz", &r, &id, &["sleep", "600"]);

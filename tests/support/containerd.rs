@@ -215,6 +215,33 @@ impl Containerd {
 
     /// Keys of the snapshots `snapshotter` holds in this namespace, as
     /// containerd sees them (`ctr snapshots ls`), with their kind.
+    /// `ctr-remote images rpull --plain-http --snapshotter stargz REF`
+    /// (the lazy-pull client), bounded to 5 minutes; returns how long it took.
+    pub fn rpull_stargz(&self, reference: &str) -> Duration {
+        let t = std::time::Instant::now();
+        self.ctr_remote_timeout(
+            &[
+                "images",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "stargz",
+                reference,
+            ],
+            Duration::from_secs(300),
+        );
+        t.elapsed()
+    }
+
+    /// Keys of the committed snapshots of `snapshotter`.
+    pub fn committed_snapshots(&self, snapshotter: &str) -> Vec<String> {
+        self.snapshots(snapshotter)
+            .into_iter()
+            .filter(|(_, k)| k == "Committed")
+            .map(|(key, _)| key)
+            .collect()
+    }
+
     pub fn snapshots(&self, snapshotter: &str) -> Vec<(String, String)> {
         let out = self
             .ctr(&["snapshots", "--snapshotter", snapshotter, "ls"])
