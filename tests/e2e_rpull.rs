@@ -36,14 +36,26 @@ const EXPECT_REMOTE: bool = true;
 /// the containers needed, not what the daemon streamed in behind them.
 const DAEMON_CONFIG: &str = "[layer]\nbackground_fetch = false\n";
 
-#[test]
-fn rpull_estargz_through_rstargz_then_run_and_gc() {
+/// The setup the lazy tests share: a registry holding the Debian image and
+/// its ctr-remote eStargz conversion, our daemon, and a containerd using it
+/// as `stargz`, with both images removed from containerd so that an rpull
+/// starts from an empty store.
+struct LazyStack {
+    ctrd: Containerd,
+    daemon: Daemon,
+    registry: Registry,
+    conv: interop::Converted,
+    img: image::DebianImage,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+fn lazy_stack() -> LazyStack {
     support::require_prerequisites();
     let layout = support::temp_dir("layout");
     let img = image::debian_image(layout.path(), "1");
     let mut registry = Registry::start();
     let src = registry.push_oci_layout(layout.path(), "1", "e2e/debian");
-    let mut daemon = Daemon::start_with_config(Some(DAEMON_CONFIG));
+    let daemon = Daemon::start_with_config(Some(DAEMON_CONFIG));
     let ctrd = Containerd::start(ContainerdOptions {
         stargz_proxy: Some(daemon.address.clone()),
     });
@@ -55,13 +67,34 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         "e2e/debian-esgz",
         "1",
         blobs.path(),
-        // Fast compression: this test is about the pull path, not the ratio.
+        // Fast compression: these tests are about the pull path, not the ratio.
         &["--estargz-compression-level", "1"],
     );
+    ctrd.ctr(&["images", "rm", "--sync", &src, &conv.reference]);
+    LazyStack {
+        ctrd,
+        daemon,
+        registry,
+        conv,
+        img,
+        _dirs: [layout, blobs],
+    }
+}
+
+#[test]
+fn rpull_estargz_through_rstargz_then_run_and_gc() {
+    // Bound in reverse of drop order: containerd goes first, the temp
+    // dirs last.
+    let LazyStack {
+        _dirs,
+        img,
+        conv,
+        registry,
+        mut daemon,
+        ctrd,
+    } = lazy_stack();
     let r = conv.reference.clone();
 
-    // Forget both images so that rpull starts from an empty store.
-    ctrd.ctr(&["images", "rm", "--sync", &src, &r]);
     assert!(ctrd.image_names().is_empty(), "{:?}", ctrd.image_names());
 
     let served_before = registry.blob_bytes_served();
@@ -253,22 +286,8 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     });
     assert!(gone.is_some(), "left: {:?}", ctrd.snapshots("stargz"));
     daemon.assert_alive();
-    let keys = daemon.snapshot_keys();
-    assert!(
-        keys.is_empty(),
-        "daemon still holds snapshots after GC: {keys:?}"
-    );
-    // ...and nothing of them is left on disk or mounted.
-    let dirs = daemon.snapshot_dirs();
-    assert!(
-        dirs.is_empty(),
-        "snapshot directories left on disk: {dirs:?}"
-    );
-    let mounts = daemon.mounts();
-    assert!(
-        mounts.is_empty(),
-        "mounts left under the daemon's root: {mounts:?}"
-    );
+    // Nothing of them is left in its API, on disk or mounted.
+    daemon.assert_empty();
     // Unmounted layers' series are gone from /metrics.
     let metrics = rstargz_status(&daemon, &["--metrics"]);
     assert!(!metrics.contains("layer=\""), "{metrics}");
@@ -458,27 +477,17 @@ fn run_in(ctrd: &Containerd, r: &str, cmd: &[&str]) -> String {
 /// the current behaviour (fd handover, issue 7, would change it).
 #[test]
 fn running_container_loses_uncached_reads_after_daemon_kill9() {
-    support::require_prerequisites();
-    let layout = support::temp_dir("layout");
-    let img = image::debian_image(layout.path(), "1");
-    let mut registry = Registry::start();
-    let src = registry.push_oci_layout(layout.path(), "1", "e2e/debian");
-    let mut daemon = Daemon::start_with_config(Some(DAEMON_CONFIG));
-    let ctrd = Containerd::start(ContainerdOptions {
-        stargz_proxy: Some(daemon.address.clone()),
-    });
-    let blobs = support::temp_dir("esgz-blobs");
-    let conv = interop::convert_to_estargz_with(
-        &ctrd,
-        &registry,
-        &src,
-        "e2e/debian-esgz",
-        "1",
-        blobs.path(),
-        &["--estargz-compression-level", "1"],
-    );
+    // Bound in reverse of drop order: containerd goes first, the temp
+    // dirs last.
+    let LazyStack {
+        _dirs,
+        img,
+        conv,
+        registry: _registry,
+        mut daemon,
+        ctrd,
+    } = lazy_stack();
     let r = conv.reference.clone();
-    ctrd.ctr(&["images", "rm", "--sync", &src, &r]);
     ctrd.rpull_stargz(&r);
     assert_eq!(fuse_mounts(&daemon).len(), conv.layers.len());
     let id = support::unique_name("long");

@@ -145,6 +145,23 @@ impl Daemon {
             .collect()
     }
 
+    /// Asserts the daemon holds no snapshot: none in its API, no snapshot
+    /// directory on disk, no mount under its directory.
+    pub fn assert_empty(&self) {
+        let keys = self.snapshot_keys();
+        assert!(keys.is_empty(), "daemon still holds snapshots: {keys:?}");
+        let dirs = self.snapshot_dirs();
+        assert!(
+            dirs.is_empty(),
+            "snapshot directories left on disk: {dirs:?}"
+        );
+        let mounts = self.mounts();
+        assert!(
+            mounts.is_empty(),
+            "mounts left under the daemon's root: {mounts:?}"
+        );
+    }
+
     /// Panics with the daemon's log if it died.
     pub fn assert_alive(&mut self) {
         if let Some(s) = self.server.as_mut() {
