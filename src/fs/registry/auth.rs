@@ -208,10 +208,15 @@ impl AuthCache {
     pub fn put(&self, host: &str, scope: &str, header: String, ttl: Option<Duration>) {
         let exp = ttl.map(|t| Instant::now() + t);
         let mut m = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        // Bound the map: drop expired entries when it grows.
+        // Bound the map: drop expired entries when it grows, and everything if
+        // that is not enough (tokens without expiry); a dropped token costs
+        // one more token request.
         if m.len() >= 1024 {
             let now = Instant::now();
             m.retain(|_, (_, e)| e.is_none_or(|e| now < e));
+            if m.len() >= 1024 {
+                m.clear();
+            }
         }
         m.insert((host.to_owned(), scope.to_owned()), (header, exp));
     }
