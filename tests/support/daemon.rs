@@ -107,6 +107,25 @@ impl Daemon {
             .unwrap_or_default()
     }
 
+    /// `rstargz status --json` through the daemon's metrics socket.
+    pub fn status_json(&self) -> serde_json::Value {
+        let sock = self
+            .address
+            .parent()
+            .expect("socket dir")
+            .join("rstargz-metrics.sock");
+        let o = super::run_ok(
+            Command::new(env!("CARGO_BIN_EXE_rstargz"))
+                .arg("status")
+                .arg("--address")
+                .arg(&sock)
+                .arg("--json"),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("rstargz status: {e}\nlog:\n{}", self.log_tail()));
+        serde_json::from_str(&o.stdout).expect("status JSON")
+    }
+
     /// Mount points below the daemon's temp dir (root and sockets).
     pub fn mounts(&self) -> Vec<PathBuf> {
         proc::mounts_under(self.dir.path())

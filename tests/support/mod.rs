@@ -12,6 +12,8 @@
 //!   optional second layer), pushed with `skopeo`.
 //! - [`interop`]: `ctr-remote image convert --estargz` and extraction of the
 //!   converted blobs and their TOC-digest annotations.
+//! - [`faultproxy::FaultProxy`]: an HTTP proxy in front of the registry that
+//!   injects registry faults on demand.
 //! - [`proc`]: commands with timeouts and readable failures, servers that
 //!   die with the test, process-tree kills and lazy unmounts for cleanup.
 //!
@@ -29,6 +31,7 @@
 
 pub mod containerd;
 pub mod daemon;
+pub mod faultproxy;
 pub mod image;
 pub mod interop;
 pub mod proc;
