@@ -101,22 +101,9 @@ fn fault_layer() -> Vec<Entry> {
     es.push(Entry::File {
         path: "/faults/zz-filler".into(),
         mode: 0o644,
-        data: noise(2 << 20),
+        data: image::noise(7, 2 << 20),
     });
     es
-}
-
-fn noise(len: usize) -> Vec<u8> {
-    let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 fn rstargz(args: &[&str]) {

@@ -36,6 +36,9 @@ pub(crate) struct Builder<'o> {
     /// Path → node, for directories being filled and for hardlink targets.
     by_path: HashMap<String, NodeId>,
     dir_children: HashMap<NodeId, BTreeMap<Box<str>, NodeId>>,
+    /// Owner names, one allocation per distinct name: a layer has a handful
+    /// of owners and thousands of nodes.
+    owner_names: HashMap<String, Arc<str>>,
 }
 
 impl<'o> Builder<'o> {
@@ -47,6 +50,7 @@ impl<'o> Builder<'o> {
             chunks: Vec::new(),
             by_path: HashMap::new(),
             dir_children: HashMap::new(),
+            owner_names: HashMap::new(),
         }
     }
 
@@ -79,6 +83,9 @@ impl<'o> Builder<'o> {
             }
         }
         self.finish_dirs();
+        // The index lives as long as the mount: give back the growth slack.
+        self.nodes.shrink_to_fit();
+        self.chunks.shrink_to_fit();
         Ok(Index {
             nodes: self.nodes,
             chunks: self.chunks,
@@ -213,8 +220,8 @@ impl<'o> Builder<'o> {
             mode: 0o755,
             uid: 0,
             gid: 0,
-            user_name: "".into(),
-            group_name: "".into(),
+            user_name: Arc::from(""),
+            group_name: Arc::from(""),
             mtime: 0,
             xattrs: BTreeMap::new(),
             nlink: 2,
@@ -264,8 +271,8 @@ impl<'o> Builder<'o> {
             mode: 0o755,
             uid: 0,
             gid: 0,
-            user_name: "".into(),
-            group_name: "".into(),
+            user_name: Arc::from(""),
+            group_name: Arc::from(""),
             mtime: 0,
             xattrs: BTreeMap::new(),
             nlink: 1,
@@ -352,12 +359,15 @@ impl<'o> Builder<'o> {
         if e.xattrs.keys().any(|k| k.is_empty() || k.contains('\0')) {
             return Err(invalid(&r.path, "xattr name is empty or has a NUL"));
         }
+        check_xattrs(&r.path, e)?;
+        let user_name = self.owner_name(r.user_name);
+        let group_name = self.owner_name(r.group_name);
         let n = &mut self.nodes[id.0 as usize];
         n.mode = small(&r.path, e.mode)? & 0o7777;
         n.uid = small(&r.path, e.uid)?;
         n.gid = small(&r.path, e.gid)?;
-        n.user_name = r.user_name.into();
-        n.group_name = r.group_name.into();
+        n.user_name = user_name;
+        n.group_name = group_name;
         n.mtime = mtime;
         n.xattrs = e
             .xattrs
@@ -411,6 +421,18 @@ impl<'o> Builder<'o> {
         Ok(())
     }
 
+    fn owner_name(&mut self, name: &str) -> Arc<str> {
+        if let Some(a) = self.owner_names.get(name) {
+            return a.clone();
+        }
+        let a: Arc<str> = Arc::from(name);
+        // Hostile TOCs could name a new owner per entry; stop sharing then.
+        if self.owner_names.len() < MAX_SHARED_OWNER_NAMES {
+            self.owner_names.insert(name.to_string(), a.clone());
+        }
+        a
+    }
+
     /// Moves the children maps into the nodes and counts directory links.
     fn finish_dirs(&mut self) {
         for (id, map) in std::mem::take(&mut self.dir_children) {
@@ -451,6 +473,33 @@ fn set_next_offsets(records: &mut [Record], toc_offset: u64) -> Result<()> {
                 next = c.offset;
             }
         }
+    }
+    Ok(())
+}
+
+/// Distinct owner names kept for sharing.
+const MAX_SHARED_OWNER_NAMES: usize = 1024;
+
+/// Linux's limits (`XATTR_NAME_MAX`, `XATTR_SIZE_MAX`, `XATTR_LIST_MAX`): an
+/// xattr the kernel could never have stored is not in a real layer, and
+/// FUSE could not hand it out anyway.
+const XATTR_NAME_MAX: usize = 255;
+const XATTR_SIZE_MAX: usize = 64 * 1024;
+const XATTR_LIST_MAX: usize = 64 * 1024;
+
+fn check_xattrs(path: &str, e: &JsonEntry) -> Result<()> {
+    let mut list = 0usize;
+    for (k, v) in &e.xattrs {
+        if k.len() > XATTR_NAME_MAX {
+            return Err(invalid(path, "xattr name longer than 255 bytes"));
+        }
+        if v.0.len() > XATTR_SIZE_MAX {
+            return Err(invalid(path, "xattr value larger than 64 KiB"));
+        }
+        list = list.saturating_add(k.len() + 1);
+    }
+    if list > XATTR_LIST_MAX {
+        return Err(invalid(path, "xattr names longer than 64 KiB in all"));
     }
     Ok(())
 }

@@ -60,8 +60,9 @@ pub struct Node {
     pub mode: u32,
     pub uid: u32,
     pub gid: u32,
-    pub user_name: Box<str>,
-    pub group_name: Box<str>,
+    /// Shared between the nodes that have the same owner.
+    pub user_name: Arc<str>,
+    pub group_name: Arc<str>,
     /// Unix seconds; 0 when the TOC has no modtime.
     pub mtime: i64,
     pub xattrs: BTreeMap<String, Vec<u8>>,

@@ -77,7 +77,7 @@ impl Default for ReaderOptions {
     fn default() -> Self {
         ReaderOptions {
             max_toc_size: 256 << 20,
-            max_entries: 4_000_000,
+            max_entries: 1_000_000,
             tail_size: 512 << 10,
             digest_policy: DigestPolicy::RequireChunkDigests,
         }
