@@ -11,7 +11,7 @@ use std::process::Command;
 
 use support::containerd::{Containerd, ContainerdOptions};
 use support::daemon::Daemon;
-use support::image::{self, Entry, Layer};
+use support::image::{self, Layer};
 use support::registry::Registry;
 
 const FILES: usize = 32;
@@ -42,22 +42,7 @@ impl Drop for Tmpfs {
 }
 
 fn file(i: usize) -> String {
-    format!("/big/f{i:02}")
-}
-
-fn layer() -> Vec<Entry> {
-    let mut es = vec![Entry::Dir {
-        path: "/big".into(),
-        mode: 0o755,
-    }];
-    for i in 0..FILES {
-        es.push(Entry::File {
-            path: file(i),
-            mode: 0o644,
-            data: image::noise(i as u64, FILE_SIZE),
-        });
-    }
-    es
+    image::noise_file("big", i)
 }
 
 fn read_all(daemon: &Daemon) {
@@ -118,7 +103,10 @@ fn full_disk_under_the_cache_serves_reads_uncached_and_corrupts_nothing() {
     image::build_oci_layout(
         layout.path(),
         "1",
-        &[Layer::TarFile(rootfs.path.clone()), Layer::Entries(layer())],
+        &[
+            Layer::TarFile(rootfs.path.clone()),
+            Layer::Entries(image::noise_files_layer("big", FILES, FILE_SIZE)),
+        ],
         &["/bin/sh"],
     );
     let mut registry = Registry::start();

@@ -65,25 +65,35 @@ impl Containerd {
         }
         let config = d.join("config.toml");
         std::fs::write(&config, toml).expect("write containerd config");
-        let server = Server::spawn(
-            "containerd",
-            Command::new("containerd").arg("--config").arg(&config),
-            &d.join("containerd.log"),
-        );
         let mut c = Containerd {
             address,
             root,
             state,
             namespace: "rstargz-test".to_string(),
-            server: Some(server),
+            server: None,
             dir,
         };
+        c.spawn();
+        c
+    }
+
+    /// Starts containerd on this instance's config and waits until it
+    /// answers.
+    fn spawn(&mut self) {
+        let d = self.dir.path();
+        self.server = Some(Server::spawn(
+            "containerd",
+            Command::new("containerd")
+                .arg("--config")
+                .arg(d.join("config.toml")),
+            &d.join("containerd.log"),
+        ));
         let ready = wait_for(Duration::from_secs(30), || {
-            let s = c.server.as_mut().expect("server");
+            let s = self.server.as_mut().expect("server");
             if s.exited().is_some() {
                 return Some(false);
             }
-            c.ctr_raw(&["version"], Duration::from_secs(5))
+            self.ctr_raw(&["version"], Duration::from_secs(5))
                 .ok()
                 .filter(|o| o.status.success())
                 .map(|_| true)
@@ -91,10 +101,18 @@ impl Containerd {
         if ready != Some(true) {
             panic!(
                 "containerd did not become ready; log:\n{}",
-                c.server.as_ref().expect("server").log_tail(8000)
+                self.server.as_ref().expect("server").log_tail(8000)
             );
         }
-        c
+    }
+
+    /// Stops containerd (SIGTERM) and starts it again on the same root,
+    /// state and sockets; running containers' shims keep running.
+    pub fn restart(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.stop(Duration::from_secs(20));
+        }
+        self.spawn();
     }
 
     pub fn dir(&self) -> &Path {
@@ -267,13 +285,21 @@ impl Containerd {
     pub fn wait_snapshotter(&self, name: &str, timeout: Duration) -> Duration {
         let start = std::time::Instant::now();
         let mut last = String::new();
+        // Right after a snapshotter restart containerd's connection to it
+        // flaps for a second or two (an RPC can fail with the error of an
+        // earlier dial), so wait for answers spread over 2 s, not one.
+        let mut streak: Option<std::time::Instant> = None;
         let ok = wait_for(timeout, || {
             match self.try_ctr(
                 &["snapshots", "--snapshotter", name, "ls"],
                 Duration::from_secs(10),
             ) {
-                Ok(_) => Some(()),
+                Ok(_) => {
+                    let since = *streak.get_or_insert_with(std::time::Instant::now);
+                    (since.elapsed() >= Duration::from_secs(2)).then_some(())
+                }
                 Err(e) => {
+                    streak = None;
                     last = e;
                     None
                 }

@@ -54,6 +54,9 @@ pub enum Target {
     RangedBlobGets,
     /// Every `GET .../blobs/...`.
     BlobGets,
+    /// Ranged blob GETs whose first range starts below this offset: spares
+    /// the reads of a blob's tail (footer and TOC) that mounting does.
+    RangedBlobGetsStartingBelow(u64),
 }
 
 #[derive(Debug)]
@@ -313,6 +316,12 @@ fn take_fault(state: &State, req: &Request) -> Option<Fault> {
         && match a.target {
             Target::BlobGets => true,
             Target::RangedBlobGets => req.header("range").is_some(),
+            Target::RangedBlobGetsStartingBelow(limit) => req
+                .header("range")
+                .and_then(|r| r.trim().strip_prefix("bytes="))
+                .and_then(|r| r.split('-').next())
+                .and_then(|start| start.trim().parse::<u64>().ok())
+                .is_some_and(|start| start < limit),
         };
     let multi = req.header("range").is_some_and(|r| r.contains(','));
     if !matches || (matches!(a.fault, Fault::RejectMultiRange(_)) && !multi) {

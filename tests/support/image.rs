@@ -308,3 +308,25 @@ pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// A layer with `/<dir>/fNN` for NN in `0..files`, each `size` bytes of
+/// [`noise`] seeded with NN: content nothing else in a test shares.
+pub fn noise_files_layer(dir: &str, files: usize, size: usize) -> Vec<Entry> {
+    let mut es = vec![Entry::Dir {
+        path: format!("/{dir}"),
+        mode: 0o755,
+    }];
+    for i in 0..files {
+        es.push(Entry::File {
+            path: noise_file(dir, i),
+            mode: 0o644,
+            data: noise(i as u64, size),
+        });
+    }
+    es
+}
+
+/// Path of file `i` of [`noise_files_layer`].
+pub fn noise_file(dir: &str, i: usize) -> String {
+    format!("/{dir}/f{i:02}")
+}

@@ -1,0 +1,281 @@
+//! Crashes and restarts around lazy pulling, with real containerd, a real
+//! registry (behind `support::faultproxy`, which holds requests open so a
+//! crash lands mid-flight) and real FUSE mounts:
+//! - `kill -9` of rstargz-grpc during a lazy pull: a second pull completes,
+//!   the snapshots are consistent and the image runs;
+//! - `kill -9` during the background fetch: after the restart the layers
+//!   are remounted, the chunks already on disk are reused and every file
+//!   reads right;
+//! - a containerd restart: the lazily pulled image still runs.
+//! (`kill -9` while containers read is in `e2e_rpull.rs`.)
+
+mod support;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use support::containerd::{Containerd, ContainerdOptions};
+use support::daemon::Daemon;
+use support::faultproxy::{Fault, FaultProxy, Target};
+use support::image::{self, Layer};
+use support::registry::Registry;
+
+const FILES: usize = 24;
+const FILE_SIZE: usize = 512 * 1024;
+
+struct Stack {
+    ctrd: Containerd,
+    daemon: Daemon,
+    proxy: FaultProxy,
+    registry: Registry,
+    /// The eStargz image, through the proxy.
+    reference: String,
+    _layout: tempfile::TempDir,
+}
+
+fn stack(config: &str) -> Stack {
+    support::require_prerequisites();
+    let layout = support::temp_dir("layout");
+    let rootfs = support::rootfs::debian_rootfs();
+    image::build_oci_layout(
+        layout.path(),
+        "1",
+        &[
+            Layer::TarFile(rootfs.path.clone()),
+            Layer::Entries(image::noise_files_layer("big", FILES, FILE_SIZE)),
+        ],
+        &["/bin/sh"],
+    );
+    let mut registry = Registry::start();
+    let src = registry.push_oci_layout(layout.path(), "1", "crash/src");
+    let dst = registry.reference("crash/esgz", "1");
+    let o = Command::new(env!("CARGO_BIN_EXE_rstargz"))
+        .args(["convert", "--plain-http", "--level", "1", &src, &dst])
+        .output()
+        .expect("run rstargz convert");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let proxy = FaultProxy::start(&registry.host);
+    let daemon = Daemon::start_with_config(Some(config));
+    let ctrd = Containerd::start(ContainerdOptions {
+        stargz_proxy: Some(daemon.address.clone()),
+    });
+    let reference = format!("{}/crash/esgz:1", proxy.host);
+    Stack {
+        ctrd,
+        daemon,
+        proxy,
+        registry,
+        reference,
+        _layout: layout,
+    }
+}
+
+/// `ctr run --rm REF ID cat /big/fNN`, checked against the file.
+fn cat_big(ctrd: &Containerd, reference: &str, id: &str, i: usize) {
+    let runc_root = ctrd.dir().join("runc").display().to_string();
+    let path = image::noise_file("big", i);
+    let out = ctrd.ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargz",
+        "--runc-root",
+        &runc_root,
+        reference,
+        id,
+        "cat",
+        &path,
+    ]);
+    assert!(
+        out.stdout_bytes == image::noise(i as u64, FILE_SIZE),
+        "{path} read wrong in a container"
+    );
+}
+
+/// Snapshot keys and snapshot directories agree (nothing half-made is
+/// left on either side), and every committed remote snapshot is mounted.
+fn assert_consistent(s: &Stack) {
+    let keys = s.daemon.snapshot_keys();
+    let dirs = s.daemon.snapshot_dirs();
+    assert_eq!(
+        keys.len(),
+        dirs.len(),
+        "snapshots {keys:?} vs directories {dirs:?}"
+    );
+    let remote = s
+        .ctrd
+        .committed_snapshots("stargz")
+        .into_iter()
+        .filter(|k| {
+            s.ctrd.snapshot_info("stargz", k)["Labels"]
+                .get("containerd.io/snapshot/remote")
+                .is_some()
+        })
+        .count();
+    let mounted = s.daemon.status_json()["layers"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0);
+    assert_eq!(remote, mounted, "remote snapshots vs mounted layers");
+}
+
+#[test]
+fn kill9_during_a_lazy_pull_then_pull_again_and_run() {
+    let config = "[layer]\nbackground_fetch = false\n\
+                  [registry]\nrequest_timeout_ms = 60000\n";
+    let mut s = stack(config);
+    // Every range read stalls: the daemon is stuck inside Prepare, opening
+    // the first layer, when it is killed.
+    s.proxy
+        .arm(Fault::StallMidBody, Target::RangedBlobGets, None);
+    let (addr, ns, reference) = (
+        s.ctrd.address.clone(),
+        s.ctrd.namespace.clone(),
+        s.reference.clone(),
+    );
+    let pull = std::thread::spawn(move || {
+        support::run(
+            Command::new("ctr-remote")
+                .arg("--address")
+                .arg(&addr)
+                .arg("--namespace")
+                .arg(&ns)
+                .args(["images", "rpull", "--plain-http", "--snapshotter", "stargz"])
+                .arg(&reference),
+            Duration::from_secs(120),
+        )
+    });
+    let stuck = support::wait_for(Duration::from_secs(60), || {
+        (s.proxy.injected() > 0).then_some(())
+    });
+    assert!(stuck.is_some(), "the pull never reached the registry");
+    std::thread::sleep(Duration::from_millis(300));
+    s.proxy.clear();
+    s.daemon.restart(true);
+    let first = pull.join().expect("pull thread");
+    eprintln!(
+        "rpull across the kill: {}",
+        match &first {
+            Ok(o) => format!("{} {}", o.status, o.stderr.trim()),
+            Err(e) => e.clone(),
+        }
+    );
+    let took = s.ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
+    eprintln!("containerd reconnected after {took:?}");
+    eprintln!("snapshots now: {:?}", s.ctrd.snapshots("stargz"));
+    let again = support::run(
+        Command::new("ctr-remote")
+            .arg("--address")
+            .arg(&s.ctrd.address)
+            .arg("--namespace")
+            .arg(&s.ctrd.namespace)
+            .args(["images", "rpull", "--plain-http", "--snapshotter", "stargz"])
+            .arg(&s.reference),
+        Duration::from_secs(120),
+    )
+    .expect("second rpull");
+    assert!(
+        again.status.success(),
+        "second rpull: {}\ndaemon log:\n{}",
+        again.stderr,
+        s.daemon.log_tail()
+    );
+    cat_big(&s.ctrd, &s.reference, "after-kill", 3);
+    assert_consistent(&s);
+    s.daemon.assert_alive();
+}
+
+#[test]
+fn kill9_during_background_fetch_reuses_the_disk_cache() {
+    let config = "[layer]\nbackground_fetch = true\nbackground_concurrency = 1\n\
+                  background_pause_ms = 0\nprefetch = false\nread_ahead_bytes = 0\n";
+    let mut s = stack(config);
+    // Slow the background fetch down so that the kill lands in the middle,
+    // but not the tail reads of mounting.
+    let (manifest, _) = s.registry.manifest("crash/esgz", "1");
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).expect("manifest");
+    let smallest = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .filter_map(|l| l["size"].as_u64())
+        .min()
+        .expect("a layer");
+    s.proxy.arm(
+        Fault::Trickle {
+            bytes: 64 * 1024,
+            every: Duration::from_millis(100),
+        },
+        Target::RangedBlobGetsStartingBelow(smallest - (1 << 20)),
+        None,
+    );
+    s.ctrd.rpull_stargz(&s.reference);
+    let big_layer = |s: &Stack| -> Option<serde_json::Value> {
+        let status = s.daemon.status_json();
+        status["layers"]
+            .as_array()?
+            .iter()
+            .find(|l| {
+                Path::new(l["mountpoint"].as_str().unwrap_or(""))
+                    .join("big/f00")
+                    .exists()
+            })
+            .cloned()
+    };
+    // Wait until some of the big layer came in the background, not all.
+    let midway = support::wait_for(Duration::from_secs(60), || {
+        let l = big_layer(&s)?;
+        let (got, total) = (
+            l["stats"]["bytes_fetched"].as_u64()?,
+            l["stats"]["blob_size"].as_u64()?,
+        );
+        (l["stats"]["chunks_background"].as_u64()? >= 2 && got < total / 2).then_some((got, total))
+    });
+    let (got, total) = midway.unwrap_or_else(|| {
+        panic!(
+            "background fetch never got midway: {:#}",
+            s.daemon.status_json()
+        )
+    });
+    eprintln!("killing with {got} of {total} bytes of the big layer fetched");
+    s.proxy.clear();
+    let served_before = s.registry.blob_bytes_served();
+    s.daemon.restart(true);
+    s.ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
+    // Every file reads right, through the remounted layer.
+    let mount = big_layer(&s).expect("big layer remounted");
+    let mount = Path::new(mount["mountpoint"].as_str().unwrap()).to_path_buf();
+    for i in 0..FILES {
+        let p = mount.join(image::noise_file("big", i).trim_start_matches('/'));
+        let b = std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert!(b == image::noise(i as u64, FILE_SIZE), "{}", p.display());
+    }
+    let cache = &s.daemon.status_json()["cache"];
+    eprintln!("cache after the restart: {cache:#}");
+    assert!(
+        cache["disk_hits"].as_u64().unwrap_or(0) > 0,
+        "chunks fetched before the kill were not reused: {cache:#}"
+    );
+    assert_eq!(cache["disk_corrupt"].as_u64(), Some(0));
+    let served_after = s.registry.blob_bytes_served() - served_before;
+    eprintln!("registry served {served_after} bytes after the restart");
+    cat_big(&s.ctrd, &s.reference, "after-bg-kill", FILES - 1);
+    assert_consistent(&s);
+}
+
+#[test]
+fn containerd_restart_keeps_lazily_pulled_images_running() {
+    let config = "[layer]\nbackground_fetch = false\n";
+    let mut s = stack(config);
+    s.ctrd.rpull_stargz(&s.reference);
+    cat_big(&s.ctrd, &s.reference, "before-restart", 0);
+    s.ctrd.restart();
+    s.ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
+    // The image and its remote snapshots survived; a new container starts
+    // and reads a file nothing read before.
+    assert!(s.ctrd.image_names().contains(&s.reference));
+    cat_big(&s.ctrd, &s.reference, "after-restart", 5);
+    assert_consistent(&s);
+    s.daemon.assert_alive();
+}
