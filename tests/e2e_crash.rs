@@ -7,6 +7,7 @@
 //!   are remounted, the chunks already on disk are reused and every file
 //!   reads right;
 //! - a containerd restart: the lazily pulled image still runs.
+//!
 //! (`kill -9` while containers read is in `e2e_rpull.rs`.)
 
 mod support;
