@@ -89,6 +89,11 @@ impl Daemon {
         self.dir.path()
     }
 
+    /// Process id of the running daemon.
+    pub fn pid(&self) -> u32 {
+        self.server.as_ref().expect("daemon running").pid()
+    }
+
     pub fn log_tail(&self) -> String {
         self.server
             .as_ref()
