@@ -61,16 +61,13 @@ impl Reference {
             _ => (DOCKER_HUB.to_owned(), name.to_owned()),
         };
         if repo.is_empty()
-            || repo.split('/').any(|c| {
-                c.is_empty()
-                    || !c.chars().all(|ch| {
-                        ch.is_ascii_lowercase()
-                            || ch.is_ascii_digit()
-                            || matches!(ch, '.' | '_' | '-')
-                    })
-            })
+            || repo.len() > MAX_REPOSITORY_LEN
+            || !repo.split('/').all(valid_path_component)
         {
             return Err(bad("invalid repository name"));
+        }
+        if !valid_host(&host) {
+            return Err(bad("invalid registry host"));
         }
         let host = if host == "index.docker.io" || host == "registry-1.docker.io" {
             DOCKER_HUB.to_owned()
@@ -120,6 +117,48 @@ impl fmt::Display for Reference {
         }
         Ok(())
     }
+}
+
+/// Longest repository name the distribution spec allows.
+const MAX_REPOSITORY_LEN: usize = 255;
+
+/// A repository path component as the distribution spec defines it:
+/// lowercase alphanumerics joined by one `.`, one or two `_`, or any number
+/// of `-`. Rejects `..`, leading or trailing separators, and everything
+/// else a URL would reinterpret.
+fn valid_path_component(c: &str) -> bool {
+    let b = c.as_bytes();
+    let alnum = |x: u8| x.is_ascii_lowercase() || x.is_ascii_digit();
+    if b.is_empty() || !alnum(b[0]) || !alnum(b[b.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < b.len() {
+        if alnum(b[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < b.len() && !alnum(b[i]) {
+            i += 1;
+        }
+        let ok = match &b[start..i] {
+            b"." | b"_" | b"__" => true,
+            sep => sep.iter().all(|&x| x == b'-'),
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// `name[:port]` or `[ipv6][:port]`, in the characters host names use.
+fn valid_host(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 255
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']'))
 }
 
 /// Checks `algorithm:hex` (sha256 / sha512 with the right hex length).
@@ -173,6 +212,15 @@ mod tests {
     }
 
     #[test]
+    fn accepts_the_spec_separators() {
+        for s in ["host.io/a.b_c__d---e/f-g", "host.io/0/x9", "library/ubuntu"] {
+            assert!(Reference::parse(s).is_ok(), "{s}");
+        }
+        let long = format!("host.io/{}", "a".repeat(256));
+        assert!(Reference::parse(&long).is_err());
+    }
+
+    #[test]
     fn rejects_garbage() {
         for s in [
             "",
@@ -182,6 +230,16 @@ mod tests {
             "x@sha256:12",
             "x@md5:00",
             "host.io/",
+            "127.0.0.1:5001/../../etc/passwd:x",
+            "host.io/a/./b",
+            "host.io/.hidden",
+            "host.io/a..b",
+            "host.io/a._b",
+            "host.io/a___b",
+            "host.io/trailing-",
+            "host.io/a%2fb",
+            "ho st.io/a",
+            "host.io/a?x=1",
         ] {
             assert!(Reference::parse(s).is_err(), "{s}");
         }
