@@ -97,12 +97,21 @@ fn cat_big(ctrd: &Containerd, reference: &str, id: &str, i: usize) {
 /// Snapshot keys and snapshot directories agree (nothing half-made is
 /// left on either side), and every committed remote snapshot is mounted.
 fn assert_consistent(s: &Stack) {
-    let keys = s.daemon.snapshot_keys();
-    let dirs = s.daemon.snapshot_dirs();
-    assert_eq!(
-        keys.len(),
-        dirs.len(),
-        "snapshots {keys:?} vs directories {dirs:?}"
+    // containerd may be removing snapshots meanwhile (`ctr run --rm`, its
+    // garbage collector): agreement must be reached, not be instant.
+    let mut last = (Vec::new(), Vec::new());
+    let agreed = support::wait_for(Duration::from_secs(15), || {
+        let keys = s.daemon.snapshot_keys();
+        let dirs = s.daemon.snapshot_dirs();
+        let same = keys.len() == dirs.len();
+        last = (keys, dirs);
+        same.then_some(())
+    });
+    assert!(
+        agreed.is_some(),
+        "snapshots {:?} vs directories {:?}",
+        last.0,
+        last.1
     );
     let remote = s
         .ctrd
