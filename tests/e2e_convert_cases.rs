@@ -49,6 +49,12 @@ fn convert(src: &str, dst: &str, extra: &[&str]) -> Value {
         "rstargz {args:?} failed: {}",
         String::from_utf8_lossy(&o.stderr)
     );
+    // stderr is no terminal here: no progress output at all.
+    assert!(
+        o.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     serde_json::from_slice(&o.stdout).expect("convert --json output")
 }
 
@@ -56,7 +62,9 @@ fn convert(src: &str, dst: &str, extra: &[&str]) -> Value {
 fn convert_fails(src: &str, dst: &str) -> String {
     let o = rstargz(&["convert", "--plain-http", src, dst]);
     assert!(!o.status.success(), "convert {src} {dst} succeeded");
-    String::from_utf8_lossy(&o.stderr).into_owned()
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    eprintln!("convert {src} {dst}: {err}");
+    err
 }
 
 fn skopeo(args: &[&str]) -> String {
@@ -783,4 +791,31 @@ fn layer_variants_convert_correctly() {
         p.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn progress_bars_on_a_terminal_only() {
+    support::require_prerequisites();
+    let lay = temp_dir("tty");
+    small_image(lay.path(), "1");
+    let out = temp_dir("tty-out");
+    // `script` runs the command on a pseudo-terminal and copies what it
+    // writes there to our stdout.
+    let cmd = format!(
+        "{} convert oci:{}:1 oci:{}:1",
+        env!("CARGO_BIN_EXE_rstargz"),
+        lay.path().display(),
+        out.path().display()
+    );
+    let o = support::proc::run_ok(
+        Command::new("script").args(["-qec", &cmd, "/dev/null"]),
+        Duration::from_secs(120),
+    )
+    .unwrap();
+    assert!(o.stdout.contains("layer 1/2"), "{}", o.stdout);
+    assert!(o.stdout.contains("layer 2/2"), "{}", o.stdout);
+    assert!(o.stdout.contains("B in "), "{}", o.stdout);
+    assert!(o.stdout.contains("pushed oci:"), "{}", o.stdout);
+    // The plain summary still follows.
+    assert!(o.stdout.contains("manifest: sha256:"), "{}", o.stdout);
 }

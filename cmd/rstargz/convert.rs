@@ -81,7 +81,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         },
         layer_jobs: args.jobs as usize,
         work_dir: args.work_dir.clone(),
-        progress: std::io::stderr().is_terminal() && !args.json,
+        progress: std::io::stderr().is_terminal(),
         all_platforms: args.all_platforms,
         ..ConvertOptions::default()
     };

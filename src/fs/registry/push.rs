@@ -312,10 +312,18 @@ impl RegistryClient {
         let sent = self
             .send_registry_body(t, Method::POST, url.clone(), &h, Some(Bytes::new()))
             .await?;
-        if sent.resp.status().as_u16() != 202 {
-            return Err(status_failure(&sent.resp, "starting a blob upload"));
+        match sent.resp.status().as_u16() {
+            202 => upload_location(&sent.resp, &url),
+            // distribution answers 405 UNSUPPORTED in read-only mode.
+            405 => Err(status_failure(
+                &sent.resp,
+                &format!(
+                    "starting a blob upload: the registry does not accept pushes to {} (read-only?)",
+                    r.repository
+                ),
+            )),
+            _ => Err(status_failure(&sent.resp, "starting a blob upload")),
         }
-        upload_location(&sent.resp, &url)
     }
 
     /// `PUT /v2/<name>/manifests/<tag>`. Returns the manifest digest.
