@@ -199,6 +199,8 @@ fn main() {
 
 /// Runs `cmd` (stdout to `out`), returning wall seconds, CPU seconds
 /// (user + system) and peak RSS in KiB, from `wait4`.
+// The child is reaped by `wait4` (for its rusage), not `Child::wait`.
+#[allow(clippy::zombie_processes)]
 fn measured(cmd: &mut Command, out: &Path) -> (f64, f64, u64) {
     let t = Instant::now();
     let child = cmd
