@@ -768,6 +768,13 @@ impl LayerJob {
     }
 }
 
+fn is_gzip(path: &Path) -> anyhow::Result<bool> {
+    use std::io::Read as _;
+    let mut magic = [0u8; 2];
+    let n = File::open(path)?.read(&mut magic)?;
+    Ok(n == 2 && magic == [0x1f, 0x8b])
+}
+
 /// Converts one downloaded layer.
 fn convert_layer(
     desc: &Descriptor,
@@ -775,11 +782,28 @@ fn convert_layer(
     output: &Path,
     opts: &BuildOptions,
 ) -> anyhow::Result<LayerReport> {
-    let inp = File::open(input)?;
+    // A gzip layer is decompressed next to it, in the work directory (the
+    // writer would otherwise spool it to the system temp dir, which may be
+    // RAM); the writer then reads the plain tar in place.
+    let plain = input.with_extension("tar");
+    let inp = if is_gzip(input)? {
+        let mut dec = flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(
+            1 << 20,
+            File::open(input)?,
+        ));
+        let mut tar = BufWriter::with_capacity(1 << 20, File::create(&plain)?);
+        std::io::copy(&mut dec, &mut tar).context("decompressing the layer")?;
+        tar.into_inner().map_err(|e| e.into_error())?;
+        std::fs::remove_file(input)?;
+        File::open(&plain)?
+    } else {
+        File::open(input)?
+    };
     let out = File::create(output)?;
     let mut w = BufWriter::with_capacity(1 << 20, out);
     let res = writer::build_file(inp, &mut w, opts)?;
-    w.into_inner().map_err(|e| e.into_error())?.sync_data().ok();
+    w.into_inner().map_err(|e| e.into_error())?;
+    let _ = std::fs::remove_file(&plain);
     Ok(LayerReport {
         digest_in: desc.digest.clone(),
         size_in: desc.size,
