@@ -31,9 +31,10 @@ mod progress;
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -262,6 +263,37 @@ struct Ctx {
     dir: PathBuf,
     opts: ConvertOptions,
     progress: Progress,
+    /// Set when the conversion is dropped (error, interrupt): layer builds
+    /// on blocking threads see it at their next write and stop.
+    cancel: Arc<AtomicBool>,
+}
+
+/// Sets the flag when dropped.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A writer that fails once `cancel` is set, so that a blocking layer
+/// build ends soon after its conversion was abandoned.
+struct CancellableWriter<W> {
+    inner: W,
+    cancel: Arc<AtomicBool>,
+}
+
+impl<W: Write> Write for CancellableWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.cancel.load(Ordering::Relaxed) {
+            return Err(std::io::Error::other("conversion cancelled"));
+        }
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// Converts `src` (registry or OCI layout) and writes it to `dst`.
@@ -298,7 +330,9 @@ pub async fn convert_image(
         dir: tmp.path().to_owned(),
         opts: opts.clone(),
         progress: Progress::new(opts.progress),
+        cancel: Arc::new(AtomicBool::new(false)),
     };
+    let _cancel_guard = CancelOnDrop(Arc::clone(&ctx.cancel));
 
     let (images, manifest_digest, media_type) =
         if is_index(&top_body).with_context(|| format!("parsing the manifest of {src}"))? {
@@ -517,6 +551,7 @@ async fn convert_one(
             src: ctx.src.clone(),
             dst: ctx.dst.clone(),
             dir: ctx.dir.clone(),
+            cancel: Arc::clone(&ctx.cancel),
             build,
             may_keep: prioritized.is_none(),
             old_diff_id: old_diff_ids[i].clone(),
@@ -639,6 +674,7 @@ struct LayerJob {
     src: Source,
     dst: Dest,
     dir: PathBuf,
+    cancel: Arc<AtomicBool>,
     build: BuildOptions,
     /// False when the layer must be rebuilt (prioritized files given).
     may_keep: bool,
@@ -669,12 +705,13 @@ impl LayerJob {
             .await
             .with_context(|| format!("fetching {what}"))?;
         self.bar.stage("converting");
-        let build = self.build.clone();
+        let (build, cancel) = (self.build.clone(), Arc::clone(&self.cancel));
         let (d, ip, op) = (desc.clone(), in_path.clone(), out_path.clone());
-        let mut report = tokio::task::spawn_blocking(move || convert_layer(&d, &ip, &op, &build))
-            .await
-            .context("conversion task panicked")?
-            .with_context(|| format!("converting {what}"))?;
+        let mut report =
+            tokio::task::spawn_blocking(move || convert_layer(&d, &ip, &op, &build, cancel))
+                .await
+                .context("conversion task panicked")?
+                .with_context(|| format!("converting {what}"))?;
         let _ = std::fs::remove_file(&in_path);
         self.bar.stage("pushing");
         report.uploaded = self
@@ -781,29 +818,39 @@ fn convert_layer(
     input: &Path,
     output: &Path,
     opts: &BuildOptions,
+    cancel: Arc<AtomicBool>,
 ) -> anyhow::Result<LayerReport> {
     // A gzip layer is decompressed next to it, in the work directory (the
     // writer would otherwise spool it to the system temp dir, which may be
     // RAM); the writer then reads the plain tar in place.
-    let plain = input.with_extension("tar");
-    let inp = if is_gzip(input)? {
+    let plain = input.with_extension("plain.tar");
+    let gzip = is_gzip(input)?;
+    let inp = if gzip {
         let mut dec = flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(
             1 << 20,
             File::open(input)?,
         ));
-        let mut tar = BufWriter::with_capacity(1 << 20, File::create(&plain)?);
+        let mut tar = CancellableWriter {
+            inner: BufWriter::with_capacity(1 << 20, File::create(&plain)?),
+            cancel: Arc::clone(&cancel),
+        };
         std::io::copy(&mut dec, &mut tar).context("decompressing the layer")?;
-        tar.into_inner().map_err(|e| e.into_error())?;
+        tar.inner.into_inner().map_err(|e| e.into_error())?;
         std::fs::remove_file(input)?;
         File::open(&plain)?
     } else {
         File::open(input)?
     };
     let out = File::create(output)?;
-    let mut w = BufWriter::with_capacity(1 << 20, out);
+    let mut w = CancellableWriter {
+        inner: BufWriter::with_capacity(1 << 20, out),
+        cancel,
+    };
     let res = writer::build_file(inp, &mut w, opts)?;
-    w.into_inner().map_err(|e| e.into_error())?;
-    let _ = std::fs::remove_file(&plain);
+    w.inner.into_inner().map_err(|e| e.into_error())?;
+    if gzip {
+        let _ = std::fs::remove_file(&plain);
+    }
     Ok(LayerReport {
         digest_in: desc.digest.clone(),
         size_in: desc.size,
@@ -869,6 +916,59 @@ mod tests {
             s,
             r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:00","size":1},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:11","size":2,"annotations":{"a":"1","b":"2"}}]}"#
         );
+    }
+
+    /// A build whose conversion was abandoned stops with an error instead
+    /// of running to the end (or hanging its compression threads).
+    #[test]
+    fn cancelled_layer_build_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.tar");
+        let mut b = tar::Builder::new(File::create(&input).unwrap());
+        let mut x = 1u64;
+        for i in 0..8 {
+            let data: Vec<u8> = (0..2_000_000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            b.append_data(&mut h, format!("f{i}"), &data[..]).unwrap();
+        }
+        b.into_inner().unwrap();
+        let desc = Descriptor {
+            media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+            digest: "sha256:00".into(),
+            size: 1,
+            annotations: Default::default(),
+            urls: vec![],
+            platform: None,
+        };
+        let opts = BuildOptions {
+            threads: 2,
+            ..BuildOptions::default()
+        };
+        let out = dir.path().join("out");
+        // Not cancelled: the same input converts.
+        convert_layer(&desc, &input, &out, &opts, Arc::new(AtomicBool::new(false))).unwrap();
+        let cancel = Arc::new(AtomicBool::new(true));
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(convert_layer(&desc, &input, &out, &opts, cancel).map(|_| ()));
+        });
+        let res = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .expect("a cancelled build must end");
+        let err = res.expect_err("a cancelled build must fail");
+        assert!(format!("{err:#}").contains("cancelled"), "{err:#}");
     }
 
     #[test]
