@@ -29,7 +29,7 @@ enum Command {
     },
     /// Show the daemon's lazily mounted layers, caches and fallbacks.
     Status(status::StatusArgs),
-    /// Convert a registry image to eStargz and push it.
+    /// Convert an image (registry or `oci:DIR`) to eStargz and push it.
     Convert(convert::ConvertArgs),
 }
 

@@ -25,10 +25,19 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry and waits until `/v2/` answers.
     pub fn start() -> Registry {
+        Self::start_with(false)
+    }
+
+    /// A registry in read-only maintenance mode: every push is refused.
+    pub fn start_readonly() -> Registry {
+        Self::start_with(true)
+    }
+
+    fn start_with(readonly: bool) -> Registry {
         let mut last = String::new();
         // The free port may be taken between probe and bind: retry a few times.
         for _ in 0..3 {
-            match Self::try_start() {
+            match Self::try_start(readonly) {
                 Ok(r) => return r,
                 Err(e) => last = e,
             }
@@ -36,7 +45,7 @@ impl Registry {
         panic!("docker-registry did not start: {last}");
     }
 
-    fn try_start() -> Result<Registry, String> {
+    fn try_start(readonly: bool) -> Result<Registry, String> {
         let dir = temp_dir("registry");
         let port = free_port();
         let host = format!("127.0.0.1:{port}");
@@ -49,7 +58,7 @@ impl Registry {
             "version: 0.1\n\
              log:\n  level: warn\n  accesslog:\n    disabled: false\n\
              storage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n\
-             \x20 maintenance:\n    uploadpurging:\n      enabled: false\n\
+             \x20 maintenance:\n    uploadpurging:\n      enabled: false\n    readonly:\n      enabled: {readonly}\n\
              http:\n  addr: {host}\n  secret: rstargz-test-{port}\n\
              health:\n  storagedriver:\n    enabled: false\n",
             storage.display()
@@ -82,6 +91,17 @@ impl Registry {
 
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Where the registry stores blob `digest` (to corrupt it in tests).
+    pub fn blob_data_path(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("storage/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
     }
 
     /// Requests served so far, from the access log (combined log format,

@@ -50,6 +50,10 @@ pub enum RegistryError {
     /// A manifest or index that cannot be parsed or used.
     #[error("bad manifest: {0}")]
     Manifest(String),
+    /// A whole blob arrived complete but with another digest: the stored
+    /// content is corrupt. Not retried (the next answer is the same bytes).
+    #[error("blob digest mismatch: expected {expected}, got {got}")]
+    DigestMismatch { expected: String, got: String },
 }
 
 impl RegistryError {
@@ -80,7 +84,8 @@ impl RegistryError {
             | Self::ProtocolViolation(_)
             | Self::ServerError(_)
             | Self::UnexpectedStatus(..)
-            | Self::Manifest(_) => libc::EIO,
+            | Self::Manifest(_)
+            | Self::DigestMismatch { .. } => libc::EIO,
         }
     }
 
@@ -101,6 +106,7 @@ impl RegistryError {
             Self::ServerError(_) => "server_error",
             Self::UnexpectedStatus(..) => "unexpected_status",
             Self::Manifest(_) => "bad_manifest",
+            Self::DigestMismatch { .. } => "digest_mismatch",
         }
     }
 

@@ -123,7 +123,8 @@ fn sha256_digest(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
 
-fn platform_matches(p: &Option<Platform>, want: &str) -> bool {
+/// Whether index entry platform `p` is `want` (`os/arch[/variant]`).
+pub fn platform_matches(p: &Option<Platform>, want: &str) -> bool {
     let mut it = want.split('/');
     let (os, arch, variant) = (it.next(), it.next(), it.next());
     p.as_ref().is_some_and(|p| {
@@ -149,6 +150,35 @@ impl RegistryClient {
                 Ok(r) => return Ok(r),
                 Err(e) => {
                     tracing::warn!(endpoint = %ep.base, %reference, error = %e, "manifest resolution failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| RegistryError::Config("no endpoints".into())))
+    }
+
+    /// Fetches `reference`'s manifest or index as it is (no platform
+    /// picked), or the manifest `digest` of its repository when given.
+    /// Returns the body's digest (checked) and the body.
+    pub async fn fetch_manifest(
+        &self,
+        r: &Reference,
+        digest: Option<&str>,
+    ) -> Result<(String, Bytes), RegistryError> {
+        let digest = digest.or(r.digest.as_deref());
+        let cap = if digest.is_some() {
+            Capability::Pull
+        } else {
+            Capability::Resolve
+        };
+        let endpoints = self.config().endpoints(&r.host, cap)?;
+        let mut last = None;
+        for ep in &endpoints {
+            let reference = digest.unwrap_or(r.manifest_reference());
+            match self.get_manifest(ep, r, reference, digest).await {
+                Ok(v) => return Ok(v),
+                Err(e) => {
+                    tracing::warn!(endpoint = %ep.base, %r, error = %e, "manifest fetch failed");
                     last = Some(e);
                 }
             }
@@ -239,7 +269,20 @@ impl RegistryClient {
     }
 }
 
-fn parse_manifest(body: &[u8]) -> Result<Manifest, RegistryError> {
+/// Whether `body` is an image index (OCI index or Docker manifest list).
+pub fn is_index(body: &[u8]) -> Result<bool, RegistryError> {
+    let any: AnyManifest =
+        serde_json::from_slice(body).map_err(|e| RegistryError::Manifest(e.to_string()))?;
+    Ok(any.manifests.is_some()
+        && any.layers.is_none()
+        && any
+            .media_type
+            .as_deref()
+            .is_none_or(|m| m == OCI_INDEX || m == DOCKER_LIST))
+}
+
+/// Parses an image manifest (schema 2).
+pub fn parse_manifest(body: &[u8]) -> Result<Manifest, RegistryError> {
     let m: Manifest =
         serde_json::from_slice(body).map_err(|e| RegistryError::Manifest(e.to_string()))?;
     if m.schema_version != 2 {

@@ -57,6 +57,22 @@ impl RegistryClient {
         size: u64,
         out: &mut std::fs::File,
     ) -> Result<u64, RegistryError> {
+        self.blob_to_file_progress(r, digest, size, out, &|_| {})
+            .await
+    }
+
+    /// [`Self::blob_to_file`], calling `on_bytes(n)` for every `n` bytes
+    /// written (restarting from 0 on a retry is not signalled; the caller
+    /// only draws progress with it). A complete body with the wrong digest
+    /// is [`RegistryError::DigestMismatch`] and is not retried.
+    pub async fn blob_to_file_progress(
+        &self,
+        r: &Reference,
+        digest: &str,
+        size: u64,
+        out: &mut std::fs::File,
+        on_bytes: &(dyn Fn(u64) + Sync),
+    ) -> Result<u64, RegistryError> {
         validate_digest(digest)
             .map_err(|m| RegistryError::InvalidReference(digest.to_owned(), m))?;
         let endpoints = self.config().endpoints(&r.host, Capability::Pull)?;
@@ -100,6 +116,7 @@ impl RegistryClient {
                                 .into());
                             }
                             client.count_bytes(chunk.len());
+                            on_bytes(chunk.len() as u64);
                             hash.update(&chunk);
                             out.write_all(&chunk).map_err(io_err)?;
                         }
@@ -111,9 +128,10 @@ impl RegistryClient {
                         }
                         let got = sha256_hex(hash);
                         if got != digest {
-                            return Err(RegistryError::ProtocolViolation(format!(
-                                "blob digest mismatch: expected {digest}, got {got}"
-                            ))
+                            return Err(RegistryError::DigestMismatch {
+                                expected: digest.to_owned(),
+                                got,
+                            }
                             .into());
                         }
                         Ok(n)
@@ -125,6 +143,11 @@ impl RegistryClient {
                     out.flush()
                         .map_err(|e| RegistryError::Config(e.to_string()))?;
                     return Ok(n);
+                }
+                // Corrupt content: another mirror may be right, but the
+                // error must stay the digest mismatch.
+                Err(e @ RegistryError::DigestMismatch { .. }) if endpoints.len() == 1 => {
+                    return Err(e);
                 }
                 Err(e) => {
                     tracing::warn!(endpoint = %ep.base, %digest, error = %e, "blob download failed");
@@ -154,6 +177,54 @@ impl RegistryClient {
                 200..=299 => Ok(true),
                 404 => Ok(false),
                 _ => Err(status_failure(&sent.resp, &format!("HEAD blob {digest}"))),
+            }
+        })
+        .await
+    }
+
+    /// Cross-repository mount: `POST /v2/<name>/blobs/uploads/?mount=<digest>&from=<repo>`
+    /// asks the registry to link blob `digest` from `from`'s repository
+    /// (same host) into `r`'s. Returns whether it did (201); a registry
+    /// that answers 202 opened an upload instead, which is left to expire.
+    pub async fn mount_blob(
+        &self,
+        r: &Reference,
+        digest: &str,
+        from: &Reference,
+    ) -> Result<bool, RegistryError> {
+        validate_digest(digest)
+            .map_err(|m| RegistryError::InvalidReference(digest.to_owned(), m))?;
+        if from.host != r.host {
+            return Ok(false);
+        }
+        let ep = self.push_endpoint(r)?;
+        let scope = push_scope(r);
+        let t = Target {
+            endpoint: &ep,
+            ref_host: &r.host,
+            scope: &scope,
+        };
+        let mut url = ep
+            .base
+            .join(&format!("{}/blobs/uploads/", r.repository))
+            .map_err(|e| RegistryError::Config(format!("bad upload URL: {e}")))?;
+        url.query_pairs_mut()
+            .append_pair("mount", digest)
+            .append_pair("from", &from.repository);
+        let (t, url) = (&t, &url);
+        self.retry("blob mount", || async move {
+            let mut h = HeaderMap::new();
+            h.insert(CONTENT_LENGTH, hv("0"));
+            let sent = self
+                .send_registry_body(t, Method::POST, url.clone(), &h, Some(Bytes::new()))
+                .await?;
+            match sent.resp.status().as_u16() {
+                201 => Ok(true),
+                202 => Ok(false),
+                _ => Err(status_failure(
+                    &sent.resp,
+                    &format!("mounting blob {digest}"),
+                )),
             }
         })
         .await
@@ -241,10 +312,18 @@ impl RegistryClient {
         let sent = self
             .send_registry_body(t, Method::POST, url.clone(), &h, Some(Bytes::new()))
             .await?;
-        if sent.resp.status().as_u16() != 202 {
-            return Err(status_failure(&sent.resp, "starting a blob upload"));
+        match sent.resp.status().as_u16() {
+            202 => upload_location(&sent.resp, &url),
+            // distribution answers 405 UNSUPPORTED in read-only mode.
+            405 => Err(status_failure(
+                &sent.resp,
+                &format!(
+                    "starting a blob upload: the registry does not accept pushes to {} (read-only?)",
+                    r.repository
+                ),
+            )),
+            _ => Err(status_failure(&sent.resp, "starting a blob upload")),
         }
-        upload_location(&sent.resp, &url)
     }
 
     /// `PUT /v2/<name>/manifests/<tag>`. Returns the manifest digest.
