@@ -524,7 +524,7 @@ mib() { awk -v a="$1" 'BEGIN { printf "%.1f MiB", a / 1048576 }'; }
 report() {
   cat <<EOF
 
-## rstargz demo: \`${CMD[*]}\` in a Debian $SUITE python3-minimal image
+## rstargz demo: \`python3 -c 'print("hello")'\` in a Debian $SUITE python3-minimal image
 
 Every run is cold: no image, content or snapshot in containerd, an empty
 rstargz cache, the page cache dropped. rstargz-grpc runs with
