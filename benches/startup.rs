@@ -9,7 +9,8 @@
 //!     [--coldread-only] [--background-fetch]
 //! ```
 //! Every flag can also be given as `RSTARGZ_BENCH_<FLAG>` (`-` becomes `_`,
-//! upper case), e.g. `RSTARGZ_BENCH_SAMPLES=3`.
+//! upper case), e.g. `RSTARGZ_BENCH_SAMPLES=3`. `RSTARGZ_BENCH_RSTARGZ`
+//! names another `rstargz` binary to convert and optimize the images with.
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs a smoke
 //! version instead: a tiny image, one sample, loopback profile, asserting
@@ -431,7 +432,11 @@ impl Stack {
         let mut ctrd =
             Containerd::start_with_proxies(&[(opts.snapshotter.clone(), socket)], Some(&wrapper));
         ctrd.namespace = format!("rstargz-bench-{}", std::process::id());
-        let rstargz = PathBuf::from(env!("CARGO_BIN_EXE_rstargz"));
+        // Another build's CLI (e.g. a branch with `rstargz optimize`) may
+        // make the images; the daemon under test stays this build's.
+        let rstargz = std::env::var_os("RSTARGZ_BENCH_RSTARGZ")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rstargz")));
         let has_optimize = Command::new(&rstargz)
             .args(["optimize", "--help"])
             .output()
