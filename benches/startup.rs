@@ -713,6 +713,26 @@ impl Stack {
             requests: self.registry.access_log().len() - r0,
             connections: self.wan.connections() - n0,
         };
+        if mode != Mode::Legacy {
+            // A lazy mode that silently fell back to a normal pull would
+            // measure the wrong thing: its layers must be remote snapshots.
+            let remote = c
+                .committed_snapshots(snap)
+                .iter()
+                .filter(|k| {
+                    c.snapshot_info(snap, k)["Labels"]
+                        .get("containerd.io/snapshot/remote")
+                        .is_some()
+                })
+                .count();
+            assert!(
+                remote > 0,
+                "{} ({}): no snapshot labelled containerd.io/snapshot/remote: \
+                 the layers were not pulled lazily",
+                spec.name,
+                mode.name()
+            );
+        }
         let _ = c.try_ctr(&["tasks", "delete", "--force", id], Duration::from_secs(30));
         let _ = c.try_ctr(&["containers", "delete", id], Duration::from_secs(30));
         eprintln!(
