@@ -806,6 +806,24 @@ fn mb(b: f64) -> String {
 
 fn markdown(res: &Results) -> String {
     let m = &res.measured;
+    if res.rows.is_empty() {
+        // --coldread-only: the profile and the cold read.
+        let mut s = format!(
+            "Measured profile `{}`: connect + first request {:.1} ms, ping RTT {:.1} ms \
+             (min {:.1}, max {:.1}), bulk {:.0} Mbit/s over {:.1} MB.\n",
+            res.profile,
+            m.connect_first_request_ms,
+            m.ping_rtt_ms,
+            m.ping_rtt_min_ms,
+            m.ping_rtt_max_ms,
+            m.bulk_mbit_s,
+            m.bulk_bytes as f64 / 1e6,
+        );
+        if let Some(c) = &res.coldread {
+            s.push_str(&coldread_markdown(c));
+        }
+        return s;
+    }
     let mut s = format!(
         "### Start-up, profile `{}` ({} cold samples per row, median / p95 seconds)\n\n\
          Measured profile: connect + first request {:.1} ms, ping RTT {:.1} ms \
