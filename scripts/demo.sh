@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # rstargz demo: run `python3 -c 'print("hello")'` from a Debian-based Python
-# image twice, cold each time: once pulled the ordinary way (overlayfs) and
-# once lazily pulled as eStargz through rstargz-grpc (FUSE), and compare
-# wall time and registry bytes.
+# image, cold each time: pulled the ordinary way (overlayfs), lazily pulled
+# as eStargz made by `rstargz convert` through rstargz-grpc (FUSE), and, when
+# this build has `rstargz optimize`, lazily pulled as an optimized eStargz
+# (prioritized files = what the workload read). Prints pull, create and run
+# seconds and the bytes fetched from the registry for each.
 #
 #   sudo ./scripts/demo.sh
 #
@@ -247,11 +249,56 @@ start_daemon() {
   # in behind them.
   printf '[layer]\nbackground_fetch = false\n' >"$WORK/rstargz.toml"
   CURRENT_LOG=$WORK/rstargz.log
+  rm -f "$WORK/rstargz.sock"
   "$BIN/rstargz-grpc" --address "$WORK/rstargz.sock" --root "$WORK/rstargz-root" \
-    --config "$WORK/rstargz.toml" --log-level info >"$WORK/rstargz.log" 2>&1 &
-  PIDS+=("$!")
-  wait_ready rstargz-grpc "$!" test -S "$WORK/rstargz.sock"
+    --config "$WORK/rstargz.toml" --log-level info >>"$WORK/rstargz.log" 2>&1 &
+  DAEMON_PID=$!
+  PIDS+=("$DAEMON_PID")
+  wait_ready rstargz-grpc "$DAEMON_PID" test -S "$WORK/rstargz.sock"
   log "rstargz-grpc on $WORK/rstargz.sock"
+}
+
+# Restarts rstargz-grpc on an empty chunk cache (memory and disk), so each
+# lazy run starts cold; waits until containerd reaches it again (a Prepare
+# and Remove of a scratch snapshot: `snapshots ls` is answered by
+# containerd's own metadata).
+restart_daemon_cold() {
+  CURRENT_LOG=$WORK/rstargz.log
+  stop_pid "$DAEMON_PID"
+  local keep=() p
+  for p in "${PIDS[@]}"; do [[ $p == "$DAEMON_PID" ]] || keep+=("$p"); done
+  PIDS=("${keep[@]}")
+  rm -rf "$WORK/rstargz-root/cache"
+  start_daemon
+  local i
+  for i in $(seq 300); do
+    if ctrd snapshots --snapshotter stargz prepare "demo-probe-$i" >/dev/null 2>&1; then
+      ctrd snapshots --snapshotter stargz rm "demo-probe-$i" >/dev/null
+      return 0
+    fi
+    sleep 0.1
+  done
+  die "containerd cannot reach rstargz-grpc after its restart"
+}
+
+# `ctr containers create` has no --runc-root, and the runc shim would keep
+# runc's state under /run/containerd/runc/<namespace>; a `runc` first on
+# containerd's PATH moves that --root into $WORK.
+runc_wrapper() {
+  local real
+  real=$(command -v runc) || die "runc not found"
+  mkdir -p "$WORK/bin" "$WORK/runc"
+  cat >"$WORK/bin/runc" <<EOF
+#!/bin/bash
+a=()
+while ((\$#)); do
+  if [[ \$1 == --root && \$2 == /run/containerd/runc/* ]]; then
+    a+=(--root "$WORK/runc/\${2#/run/containerd/runc/}"); shift 2
+  else a+=("\$1"); shift; fi
+done
+exec "$real" "\${a[@]}"
+EOF
+  chmod +x "$WORK/bin/runc"
 }
 
 start_containerd() {
@@ -280,7 +327,8 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     address = "$WORK/rstargz.sock"
 EOF
   CURRENT_LOG=$WORK/containerd.log
-  containerd --config "$WORK/containerd.toml" >"$WORK/containerd.log" 2>&1 &
+  runc_wrapper
+  PATH="$WORK/bin:$PATH" containerd --config "$WORK/containerd.toml" >"$WORK/containerd.log" 2>&1 &
   PIDS+=("$!")
   wait_ready containerd "$!" ctrd version
   wait_ready "containerd->stargz" "$!" ctrd snapshots --snapshotter stargz ls
@@ -374,15 +422,25 @@ push_layout() {
     --dest-tls-verify=false "oci:$WORK/oci:1" "docker://$SRC"
 }
 
-# eStargz via Debian's ctr-remote (rstargz's own converter is not built yet).
+# eStargz with `rstargz convert` (registry to registry), and an optimized
+# one with `rstargz optimize` when this build has it.
 convert_estargz() {
   ESGZ=$REG/demo/python:esgz
-  CURRENT_LOG=$WORK/containerd.log
-  log "converting to eStargz with ctr-remote and pushing $ESGZ"
-  ctrd images pull --plain-http "$SRC" >/dev/null
-  # Level 6 matches pigz's default, so the two images' sizes compare fairly.
-  ctrd_remote images convert --estargz --oci --estargz-compression-level 6 "$SRC" "$ESGZ" >/dev/null
-  ctrd images push --plain-http "$ESGZ" >/dev/null
+  CURRENT_LOG=$WORK/convert.log
+  log "rstargz convert $SRC $ESGZ"
+  "$BIN/rstargz" convert "$SRC" "$ESGZ" --plain-http >"$WORK/convert.log" 2>&1
+  OPT=""
+  if "$BIN/rstargz" optimize --help >/dev/null 2>&1; then
+    OPT=$REG/demo/python:esgz-opt
+    CURRENT_LOG=$WORK/optimize.log
+    local args=() a
+    for a in "${CMD[@]:1}"; do args+=("--args=$a"); done
+    log "rstargz optimize $SRC $OPT (runs the workload once to record what it reads)"
+    "$BIN/rstargz" optimize "$SRC" "$OPT" --plain-http --entrypoint "${CMD[0]}" "${args[@]}" \
+      >"$WORK/optimize.log" 2>&1
+  else
+    log "this build has no 'rstargz optimize': the optimized row is left out"
+  fi
 }
 
 # Sum of the layer sizes of $1 (name) : $2 (tag) in the registry (an index
@@ -414,42 +472,50 @@ make_cold() {
   echo 3 >/proc/sys/vm/drop_caches
 }
 
-# Runs $CMD in image $1 as container $2 with snapshotter $3; checks `hello`.
-run_hello() {
-  local out
-  out=$(ctrd run --rm --snapshotter "$3" --runc-root "$WORK/runc" "$1" "$2" "${CMD[@]}")
+# Creates container $2 from image $1 with snapshotter $3, then starts it
+# attached; checks that it printed `hello`. Sets T_CREATE and T_RUN.
+create_and_run() {
+  local out t0 t1 t2
+  t0=$(now)
+  ctrd containers create --snapshotter "$3" -- "$1" "$2" "${CMD[@]}" >/dev/null
+  t1=$(now)
+  out=$(ctrd tasks start "$2")
+  t2=$(now)
   [[ $out == hello ]] || die "container $2 printed '$out', not 'hello'"
+  ctrd tasks delete "$2" >/dev/null 2>&1 || true
+  ctrd containers delete "$2" >/dev/null
+  T_CREATE=$(elapsed "$t0" "$t1"); T_RUN=$(elapsed "$t1" "$t2")
 }
 
-ordinary_run() {
+# One cold start of image $2 in mode $1 (ordinary | lazy); appends a row.
+measure() {
+  local mode=$1 ref=$2 label=$3 size=$4 l0 t0 t1 pull bytes
   make_cold
-  log "ordinary: ctr images pull + ctr run (overlayfs)"
+  if [[ $mode == lazy ]]; then
+    restart_daemon_cold
+    sync
+    echo 3 >/proc/sys/vm/drop_caches
+  fi
+  log "$label: pull, create, run"
   CURRENT_LOG=$WORK/containerd.log
-  local l0 t0 t1 t2
   l0=$(log_lines); t0=$(now)
-  ctrd images pull --plain-http "$SRC" >/dev/null
-  t1=$(now)
-  run_hello "$SRC" demo1 overlayfs
-  t2=$(now)
-  ORD_PULL=$(elapsed "$t0" "$t1"); ORD_RUN=$(elapsed "$t1" "$t2"); ORD_TOTAL=$(elapsed "$t0" "$t2")
-  ORD_BYTES=$(blob_bytes_since "$l0")
-}
-
-lazy_run() {
-  make_cold
-  log "lazy: ctr-remote images rpull + ctr run (stargz -> rstargz-grpc)"
-  CURRENT_LOG=$WORK/rstargz.log
-  local l0 t0 t1 t2
-  l0=$(log_lines); t0=$(now)
-  ctrd_remote images rpull --plain-http --snapshotter stargz "$ESGZ" >/dev/null
-  t1=$(now)
-  # Each lazily pulled layer is one FUSE mount of rstargz-grpc's.
-  FUSE_MOUNTS=$(grep ' - fuse.rstargz ' /proc/self/mountinfo | grep -c -F "$WORK/" || true)
-  ((FUSE_MOUNTS > 0)) || die "no fuse.rstargz mounts after rpull: the layers were not pulled lazily"
-  run_hello "$ESGZ" demo2 stargz
-  t2=$(now)
-  LAZY_PULL=$(elapsed "$t0" "$t1"); LAZY_RUN=$(elapsed "$t1" "$t2"); LAZY_TOTAL=$(elapsed "$t0" "$t2")
-  LAZY_BYTES=$(blob_bytes_since "$l0")
+  if [[ $mode == lazy ]]; then
+    CURRENT_LOG=$WORK/rstargz.log
+    ctrd_remote images rpull --plain-http --snapshotter stargz "$ref" >/dev/null
+    t1=$(now)
+    # Each lazily pulled layer is served by rstargz-grpc's FUSE.
+    local fuse
+    fuse=$(grep ' - fuse.rstargz ' /proc/self/mountinfo | grep -c -F "$WORK/" || true)
+    ((fuse > 0)) || die "no fuse.rstargz mounts after rpull: the layers were not pulled lazily"
+    create_and_run "$ref" "demo-$RANDOM" stargz
+  else
+    ctrd images pull --plain-http "$ref" >/dev/null
+    t1=$(now)
+    create_and_run "$ref" "demo-$RANDOM" overlayfs
+  fi
+  pull=$(elapsed "$t0" "$t1")
+  bytes=$(blob_bytes_since "$l0")
+  ROWS+=("| $label | $pull | $T_CREATE | $T_RUN | $(awk -v a="$pull" -v b="$T_CREATE" -v c="$T_RUN" 'BEGIN { printf "%.2f", a + b + c }') | $bytes ($(mib "$bytes")) | $(pct "$bytes" "$size") | $(mib "$size") |")
 }
 
 pct() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f%%", (b > 0 ? 100 * a / b : 0) }'; }
@@ -458,19 +524,21 @@ mib() { awk -v a="$1" 'BEGIN { printf "%.1f MiB", a / 1048576 }'; }
 report() {
   cat <<EOF
 
-## rstargz demo: \`${CMD[*]}\` in a Debian $SUITE python3-minimal image
+## rstargz demo: \`python3 -c 'print("hello")'\` in a Debian $SUITE python3-minimal image
 
-Compressed image size: ordinary (gzip) $(mib "$ORD_SIZE") ($ORD_SIZE B), eStargz $(mib "$ESGZ_SIZE") ($ESGZ_SIZE B).
-Both runs cold (no content in containerd, page cache dropped). rstargz-grpc runs
-with background_fetch = false, so the lazy bytes are what the pull and the
-container actually read. Lazy layers mounted through FUSE (fuse.rstargz): $FUSE_MOUNTS.
+Every run is cold: no image, content or snapshot in containerd, an empty
+rstargz cache, the page cache dropped. rstargz-grpc runs with
+background_fetch = false, so the lazy bytes are what the pull and the
+container actually read. Seconds per phase; bytes = blob bytes the registry
+sent.
 
-| mode | pull s | run s | total s | bytes fetched | % of image |
-|---|---:|---:|---:|---:|---:|
-| ordinary (overlayfs) | $ORD_PULL | $ORD_RUN | $ORD_TOTAL | $ORD_BYTES ($(mib "$ORD_BYTES")) | $(pct "$ORD_BYTES" "$ORD_SIZE") |
-| lazy eStargz (rstargz) | $LAZY_PULL | $LAZY_RUN | $LAZY_TOTAL | $LAZY_BYTES ($(mib "$LAZY_BYTES")) | $(pct "$LAZY_BYTES" "$ESGZ_SIZE") |
+| mode | pull s | create s | run s | total s | bytes fetched | % of image | image (compressed) |
+|---|---:|---:|---:|---:|---:|---:|---:|
+$(printf '%s\n' "${ROWS[@]}")
 
-Both containers printed \`hello\`. Demo wall time: $(elapsed "$T0" "$(now)") s.
+All containers printed \`hello\`.${OPT:+}${OPT:-
+(No optimized row: this build has no \`rstargz optimize\`.)}
+Demo wall time: $(elapsed "$T0" "$(now)") s.
 EOF
 }
 
@@ -487,10 +555,12 @@ main() {
   make_oci_layout
   push_layout
   convert_estargz
-  ORD_SIZE=$(image_size demo/python 1)
-  ESGZ_SIZE=$(image_size demo/python esgz)
-  ordinary_run
-  lazy_run
+  ROWS=()
+  measure ordinary "$SRC" "ordinary (overlayfs)" "$(image_size demo/python 1)"
+  measure lazy "$ESGZ" "lazy eStargz, rstargz convert" "$(image_size demo/python esgz)"
+  if [[ -n $OPT ]]; then
+    measure lazy "$OPT" "lazy eStargz, rstargz optimize" "$(image_size demo/python esgz-opt)"
+  fi
   report
 }
 

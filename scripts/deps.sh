@@ -4,7 +4,9 @@
 set -euo pipefail
 PKGS=(containerd runc docker-registry stargz-snapshotter skopeo fuse3 debootstrap
       iproute2 golang-go golang-github-containerd-stargz-snapshotter-dev
-      protobuf-compiler jq pigz e2fsprogs util-linux curl tar mount)
+      protobuf-compiler jq pigz e2fsprogs util-linux curl tar mount
+      # The start-up benchmark: tc (iproute2) and its chart.
+      gnuplot-nox fonts-dejavu-core)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

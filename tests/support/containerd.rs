@@ -21,6 +21,8 @@ pub struct Containerd {
     /// Namespace every `ctr` call uses.
     pub namespace: String,
     server: Option<Server>,
+    /// Put first on containerd's `PATH` (see [`Containerd::start_with_proxies`]).
+    path_first: Option<PathBuf>,
     dir: tempfile::TempDir,
 }
 
@@ -33,6 +35,22 @@ pub struct ContainerdOptions {
 
 impl Containerd {
     pub fn start(opts: ContainerdOptions) -> Containerd {
+        let proxies: Vec<(String, PathBuf)> = opts
+            .stargz_proxy
+            .map(|s| ("stargz".to_string(), s))
+            .into_iter()
+            .collect();
+        Self::start_with_proxies(&proxies, None)
+    }
+
+    /// A containerd with each `(name, socket)` registered as a proxy
+    /// snapshotter (the start-up benchmark measures a snapshotter given by
+    /// name and socket). `path_first`: a directory put first on
+    /// containerd's `PATH` (and so its shims'), e.g. for a `runc` wrapper.
+    pub fn start_with_proxies(
+        proxies: &[(String, PathBuf)],
+        path_first: Option<&Path>,
+    ) -> Containerd {
         let dir = temp_dir("containerd");
         let d = dir.path();
         let address = d.join("containerd.sock");
@@ -57,9 +75,12 @@ impl Containerd {
             ttrpc = d.join("containerd.ttrpc.sock").display().to_string(),
             opt = d.join("opt").display().to_string(),
         );
-        if let Some(sock) = &opts.stargz_proxy {
+        if !proxies.is_empty() {
+            toml.push_str("[proxy_plugins]\n");
+        }
+        for (name, sock) in proxies {
             toml.push_str(&format!(
-                "[proxy_plugins]\n  [proxy_plugins.stargz]\n    type = \"snapshot\"\n    address = {:?}\n",
+                "  [proxy_plugins.{name:?}]\n    type = \"snapshot\"\n    address = {:?}\n",
                 sock.display().to_string()
             ));
         }
@@ -71,6 +92,7 @@ impl Containerd {
             state,
             namespace: "rstargz-test".to_string(),
             server: None,
+            path_first: path_first.map(Path::to_path_buf),
             dir,
         };
         c.spawn();
@@ -81,11 +103,17 @@ impl Containerd {
     /// answers.
     fn spawn(&mut self) {
         let d = self.dir.path();
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(d.join("config.toml"));
+        if let Some(first) = &self.path_first {
+            let path = std::env::var_os("PATH").unwrap_or_default();
+            let mut dirs = vec![first.clone()];
+            dirs.extend(std::env::split_paths(&path));
+            cmd.env("PATH", std::env::join_paths(dirs).expect("PATH"));
+        }
         self.server = Some(Server::spawn(
             "containerd",
-            Command::new("containerd")
-                .arg("--config")
-                .arg(d.join("config.toml")),
+            &mut cmd,
             &d.join("containerd.log"),
         ));
         let ready = wait_for(Duration::from_secs(30), || {

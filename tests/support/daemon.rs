@@ -85,6 +85,16 @@ impl Daemon {
         self.spawn();
     }
 
+    /// Stops the daemon (SIGTERM), runs `between` (e.g. emptying its
+    /// cache), then starts it again on the same socket, root and config.
+    pub fn restart_with(&mut self, between: impl FnOnce(&Daemon)) {
+        if let Some(mut s) = self.server.take() {
+            s.stop(Duration::from_secs(10));
+        }
+        between(self);
+        self.spawn();
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

@@ -25,19 +25,27 @@ pub struct Registry {
 impl Registry {
     /// Starts a registry and waits until `/v2/` answers.
     pub fn start() -> Registry {
-        Self::start_with(false)
+        Self::start_at(None, "127.0.0.1", false)
     }
 
     /// A registry in read-only maintenance mode: every push is refused.
     pub fn start_readonly() -> Registry {
-        Self::start_with(true)
+        Self::start_at(None, "127.0.0.1", true)
     }
 
-    fn start_with(readonly: bool) -> Registry {
+    /// Starts a registry inside network namespace `netns`, listening on
+    /// `ip` (an address of that namespace reachable from the host, e.g. the
+    /// namespace end of a veth pair). The port is picked on the host; the
+    /// namespace has no listeners of its own.
+    pub fn start_in_netns(netns: &str, ip: &str) -> Registry {
+        Self::start_at(Some(netns), ip, false)
+    }
+
+    fn start_at(netns: Option<&str>, ip: &str, readonly: bool) -> Registry {
         let mut last = String::new();
         // The free port may be taken between probe and bind: retry a few times.
         for _ in 0..3 {
-            match Self::try_start(readonly) {
+            match Self::try_start(netns, ip, readonly) {
                 Ok(r) => return r,
                 Err(e) => last = e,
             }
@@ -45,10 +53,10 @@ impl Registry {
         panic!("docker-registry did not start: {last}");
     }
 
-    fn try_start(readonly: bool) -> Result<Registry, String> {
+    fn try_start(netns: Option<&str>, ip: &str, readonly: bool) -> Result<Registry, String> {
         let dir = temp_dir("registry");
         let port = free_port();
-        let host = format!("127.0.0.1:{port}");
+        let host = format!("{ip}:{port}");
         let storage = dir.path().join("storage");
         std::fs::create_dir_all(&storage).map_err(|e| e.to_string())?;
         let config = dir.path().join("config.yml");
@@ -64,9 +72,17 @@ impl Registry {
             storage.display()
         );
         std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "docker-registry"]);
+                c
+            }
+            None => Command::new("docker-registry"),
+        };
         let mut server = Server::spawn(
             "docker-registry",
-            Command::new("docker-registry").arg("serve").arg(&config),
+            cmd.arg("serve").arg(&config),
             &dir.path().join("registry.log"),
         );
         let url = format!("http://{host}/v2/");

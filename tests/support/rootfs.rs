@@ -50,7 +50,35 @@ pub fn debian_rootfs() -> RootfsTar {
     RootfsTar { path }
 }
 
+/// The Debian `bookworm`/`minbase` rootfs plus `include` (packages passed
+/// to `debootstrap --include`), cached as
+/// `debian-bookworm-minbase-<name>-amd64.tar`. Used by the start-up
+/// benchmark's images; `name` must be a file-name-safe word.
+pub fn debian_rootfs_with(name: &str, include: &[&str]) -> RootfsTar {
+    let dir = cache_dir();
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    let path = dir.join(format!("debian-{SUITE}-{VARIANT}-{name}-amd64.tar"));
+    let lock = std::fs::File::create(dir.join(".lock")).expect("create cache lock");
+    // SAFETY: flock on an fd we own; released when `lock` is closed.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        panic!(
+            "flock {}: {}",
+            dir.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    if !path.exists() {
+        build_with(&dir, &path, include);
+    }
+    drop(lock);
+    RootfsTar { path }
+}
+
 fn build(dir: &Path, dest: &Path) {
+    build_with(dir, dest, &[])
+}
+
+fn build_with(dir: &Path, dest: &Path, include: &[&str]) {
     let mirror = apt_mirror(SUITE).unwrap_or_else(|e| panic!("{e}"));
     let tmp = tempfile::Builder::new()
         .prefix(".build-")
@@ -60,13 +88,14 @@ fn build(dir: &Path, dest: &Path) {
     let debs = dir.join("debs");
     std::fs::create_dir_all(&debs).expect("create deb cache");
     let start = Instant::now();
+    let mut cmd = Command::new("debootstrap");
+    cmd.arg(format!("--variant={VARIANT}"))
+        .arg(format!("--cache-dir={}", debs.display()));
+    if !include.is_empty() {
+        cmd.arg(format!("--include={}", include.join(",")));
+    }
     let r = run_ok(
-        Command::new("debootstrap")
-            .arg(format!("--variant={VARIANT}"))
-            .arg(format!("--cache-dir={}", debs.display()))
-            .arg(SUITE)
-            .arg(&rootfs)
-            .arg(&mirror),
+        cmd.arg(SUITE).arg(&rootfs).arg(&mirror),
         Duration::from_secs(1800),
     );
     if let Err(e) = r {
@@ -87,6 +116,7 @@ fn build(dir: &Path, dest: &Path) {
                 "--exclude=./proc/*",
                 "--exclude=./sys/*",
                 "--exclude=./var/lib/apt/lists/*",
+                "--exclude=./var/cache/apt/archives/*.deb",
                 "-cf",
             ])
             .arg(&tar)
