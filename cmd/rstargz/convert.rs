@@ -69,6 +69,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
         layer_jobs: args.jobs as usize,
         work_dir: args.work_dir.clone(),
         progress: std::io::stderr().is_terminal(),
+        ..ConvertOptions::default()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

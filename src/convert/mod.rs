@@ -56,6 +56,11 @@ pub struct ConvertOptions {
     pub work_dir: Option<PathBuf>,
     /// Print progress lines to stderr.
     pub progress: bool,
+    /// Prioritized files per layer index (base first), from
+    /// `rstargz optimize`. When set, every layer is rebuilt (eStargz ones
+    /// too, to reorder them) and layers without an entry get the
+    /// no-prefetch landmark.
+    pub prioritized: Option<BTreeMap<usize, Vec<String>>>,
 }
 
 impl Default for ConvertOptions {
@@ -65,6 +70,7 @@ impl Default for ConvertOptions {
             layer_jobs: 2,
             work_dir: None,
             progress: false,
+            prioritized: None,
         }
     }
 }
@@ -207,6 +213,10 @@ pub async fn convert(
             build: build.clone(),
             old_diff_id: old_diff_ids[i].clone(),
             progress: opts.progress,
+            prioritized: opts
+                .prioritized
+                .as_ref()
+                .map(|p| p.get(&i).cloned().unwrap_or_default()),
             label: format!("layer {}/{n_layers}", i + 1),
         };
         let sem = Arc::clone(&sem);
@@ -313,6 +323,7 @@ struct LayerJob {
     old_diff_id: String,
     progress: bool,
     label: String,
+    prioritized: Option<Vec<String>>,
 }
 
 impl LayerJob {
@@ -336,13 +347,16 @@ impl LayerJob {
         }
         let t = Instant::now();
         let out_path = self.dir.join(format!("layer-{i}.esgz"));
-        let (build, old_diff_id) = (self.build.clone(), self.old_diff_id.clone());
+        let (mut build, old_diff_id) = (self.build.clone(), self.old_diff_id.clone());
+        let rebuild = self.prioritized.is_some();
+        build.prioritized_files = self.prioritized.clone().unwrap_or_default();
         let (d, ip, op) = (desc.clone(), in_path.clone(), out_path.clone());
-        let mut report =
-            tokio::task::spawn_blocking(move || convert_layer(&d, &ip, &op, &build, old_diff_id))
-                .await
-                .context("conversion task panicked")?
-                .with_context(|| format!("converting {} {}", self.label, desc.digest))?;
+        let mut report = tokio::task::spawn_blocking(move || {
+            convert_layer(&d, &ip, &op, &build, old_diff_id, rebuild)
+        })
+        .await
+        .context("conversion task panicked")?
+        .with_context(|| format!("converting {} {}", self.label, desc.digest))?;
         let upload_path = if report.kept { &in_path } else { &out_path };
         if self.progress {
             eprintln!(
@@ -374,8 +388,10 @@ fn convert_layer(
     output: &Path,
     opts: &BuildOptions,
     old_diff_id: String,
+    rebuild: bool,
 ) -> anyhow::Result<LayerReport> {
-    if let Some(toc) = desc.toc_digest()
+    if !rebuild
+        && let Some(toc) = desc.toc_digest()
         && has_estargz_footer(input, desc.size)?
     {
         return Ok(LayerReport {

@@ -32,6 +32,7 @@ pub mod daemon;
 pub mod image;
 pub mod interop;
 pub mod proc;
+pub mod python;
 pub mod registry;
 pub mod rootfs;
 

@@ -1,0 +1,302 @@
+//! Runs the workload with runc directly: an OCI bundle whose rootfs is the
+//! overlay mount, its own PID, mount, IPC, UTS, cgroup and network
+//! namespaces (a new network namespace has only loopback, so the workload
+//! reaches nothing), Docker's default capabilities. runc's state lives in
+//! our temp dir, and the container is killed and deleted when its guard
+//! drops, on every exit path.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::error::{OptimizeError, Result};
+use super::record::Recorder;
+use super::workload::Workload;
+
+/// Bytes of runc's stderr kept to explain a failure.
+const STDERR_TAIL: usize = 16 << 10;
+/// How often events are drained while the workload runs.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Docker's default capability set.
+const CAPS: &[&str] = &[
+    "CAP_CHOWN",
+    "CAP_DAC_OVERRIDE",
+    "CAP_FSETID",
+    "CAP_FOWNER",
+    "CAP_MKNOD",
+    "CAP_NET_RAW",
+    "CAP_SETGID",
+    "CAP_SETUID",
+    "CAP_SETFCAP",
+    "CAP_SETPCAP",
+    "CAP_NET_BIND_SERVICE",
+    "CAP_SYS_CHROOT",
+    "CAP_KILL",
+    "CAP_AUDIT_WRITE",
+];
+
+/// The OCI runtime config for `w` on `rootfs`.
+pub fn spec(w: &Workload, rootfs: &Path, hostname: &str) -> serde_json::Value {
+    json!({
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 0, "gid": 0},
+            "args": w.args,
+            "env": w.env,
+            "cwd": w.cwd,
+            "capabilities": {
+                "bounding": CAPS, "effective": CAPS, "permitted": CAPS,
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": rootfs, "readonly": false},
+        "hostname": hostname,
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
+            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
+             "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
+             "options": ["nosuid", "noexec", "nodev", "ro"]}
+        ],
+        "linux": {
+            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
+            "namespaces": [
+                {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}
+            ],
+            "maskedPaths": [
+                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
+                "/proc/sched_debug", "/sys/firmware", "/proc/scsi"
+            ],
+            "readonlyPaths": [
+                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
+            ]
+        }
+    })
+}
+
+/// How the run ended.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// Exit code of the workload (runc's), `None` when killed.
+    pub exit_code: Option<i32>,
+    /// Stopped because `period` passed.
+    pub timed_out: bool,
+    pub seconds: f64,
+}
+
+/// A created container, killed and deleted on drop.
+struct Container {
+    runc: PathBuf,
+    root: PathBuf,
+    id: String,
+}
+
+impl Container {
+    fn runc(&self) -> Command {
+        let mut c = Command::new(&self.runc);
+        c.arg("--root").arg(&self.root);
+        c.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c
+    }
+
+    fn kill(&self) {
+        let _ = self
+            .runc()
+            .args(["kill", "--all", &self.id, "KILL"])
+            .status();
+    }
+}
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = self.runc().args(["delete", "--force", &self.id]).status();
+    }
+}
+
+/// What [`run`] needs.
+pub struct RunSpec<'a> {
+    pub runc: &'a Path,
+    /// Directory for the bundle and runc's state (private, empty).
+    pub dir: &'a Path,
+    pub id: &'a str,
+    pub rootfs: &'a Path,
+    pub workload: &'a Workload,
+    pub period: Duration,
+}
+
+/// Runs the workload until it exits or `period` passes, draining the
+/// recorder meanwhile. The workload's stdout and stderr go to our stderr.
+pub fn run(s: &RunSpec<'_>, recorder: &mut Recorder, cancel: &AtomicBool) -> Result<Outcome> {
+    let bundle = s.dir.join("bundle");
+    let state = s.dir.join("state");
+    for d in [&bundle, &state] {
+        std::fs::create_dir_all(d).map_err(|e| OptimizeError::io(d, e))?;
+    }
+    let cfg = spec(s.workload, s.rootfs, "rstargz-optimize");
+    let cfg_path = bundle.join("config.json");
+    std::fs::write(
+        &cfg_path,
+        serde_json::to_vec_pretty(&cfg).unwrap_or_default(),
+    )
+    .map_err(|e| OptimizeError::io(&cfg_path, e))?;
+
+    let started = Instant::now();
+    let guard = Container {
+        runc: s.runc.to_owned(),
+        root: state.clone(),
+        id: s.id.to_owned(),
+    };
+    let mut child = Command::new(s.runc)
+        .arg("--root")
+        .arg(&state)
+        .arg("run")
+        .arg("--bundle")
+        .arg(&bundle)
+        .arg(s.id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own process group: a terminal's Ctrl-C reaches only us, and
+        // we stop the container ourselves.
+        .process_group(0)
+        .spawn()
+        .map_err(|e| OptimizeError::Runtime(format!("starting {}: {e}", s.runc.display())))?;
+    let tail = Arc::new(Mutex::new(Vec::new()));
+    let forwarders = forward_output(&mut child, &tail);
+
+    let mut timed_out = false;
+    let status = loop {
+        recorder.drain()?;
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) => {}
+            Err(e) => return Err(OptimizeError::Runtime(format!("waiting for runc: {e}"))),
+        }
+        if cancel.load(Ordering::Relaxed) {
+            guard.kill();
+            let _ = child.wait();
+            return Err(OptimizeError::Interrupted);
+        }
+        if !timed_out && started.elapsed() >= s.period {
+            timed_out = true;
+            guard.kill();
+        }
+        std::thread::sleep(POLL);
+    };
+    recorder.drain()?;
+    drop(guard);
+    // The pipes close when the container's processes are gone; a process
+    // that escaped with them open must not hang us.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while forwarders.iter().any(|f| !f.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(POLL);
+    }
+    let tail =
+        String::from_utf8_lossy(&tail.lock().map(|t| t.clone()).unwrap_or_default()).into_owned();
+    let code = status.code();
+    if !timed_out
+        && code != Some(0)
+        && (tail.contains("unable to start container process") || tail.contains("runc run failed"))
+    {
+        let line = tail
+            .lines()
+            .rev()
+            .find(|l| l.contains("runc run failed") || l.contains("unable to start"))
+            .unwrap_or(tail.trim());
+        return Err(OptimizeError::Runtime(format!(
+            "the workload did not start: {}",
+            line.trim()
+        )));
+    }
+    Ok(Outcome {
+        exit_code: if timed_out { None } else { code },
+        timed_out,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+fn forward_output(
+    child: &mut Child,
+    tail: &Arc<Mutex<Vec<u8>>>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut hs = Vec::new();
+    let streams: Vec<(Box<dyn Read + Send>, bool)> = [
+        child
+            .stdout
+            .take()
+            .map(|s| (Box::new(s) as Box<dyn Read + Send>, false)),
+        child
+            .stderr
+            .take()
+            .map(|s| (Box::new(s) as Box<dyn Read + Send>, true)),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    for (mut r, keep) in streams {
+        let tail = Arc::clone(tail);
+        hs.push(std::thread::spawn(move || {
+            use std::io::Write;
+            let mut buf = [0u8; 8192];
+            loop {
+                let n = match r.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                let _ = std::io::stderr().write_all(&buf[..n]);
+                if keep && let Ok(mut t) = tail.lock() {
+                    t.extend_from_slice(&buf[..n]);
+                    let excess = t.len().saturating_sub(STDERR_TAIL);
+                    t.drain(..excess);
+                }
+            }
+        }));
+    }
+    hs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_carries_the_workload_and_isolates_the_network() {
+        let w = Workload {
+            args: vec!["python3".into(), "-c".into(), "pass".into()],
+            env: vec!["PATH=/usr/bin".into()],
+            cwd: "/srv".into(),
+        };
+        let s = spec(&w, Path::new("/x/merged"), "h");
+        assert_eq!(s["process"]["args"][2], "pass");
+        assert_eq!(s["process"]["cwd"], "/srv");
+        assert_eq!(s["process"]["terminal"], false);
+        assert_eq!(s["root"]["path"], "/x/merged");
+        let ns: Vec<&str> = s["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert!(ns.contains(&"network") && ns.contains(&"pid") && ns.contains(&"mount"));
+    }
+}
