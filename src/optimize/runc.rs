@@ -55,7 +55,6 @@ pub fn spec(w: &Workload, rootfs: &Path, hostname: &str) -> serde_json::Value {
             "capabilities": {
                 "bounding": CAPS, "effective": CAPS, "permitted": CAPS,
             },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 65536, "soft": 65536}],
             "noNewPrivileges": true
         },
         "root": {"path": rootfs, "readonly": false},
