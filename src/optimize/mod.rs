@@ -21,6 +21,7 @@
 pub mod error;
 pub mod layers;
 pub mod mount;
+pub mod netns;
 pub mod record;
 pub mod recording;
 pub mod runc;
@@ -359,6 +360,7 @@ fn record_blocking(
     }
     let overlay = mount::Overlay::mount(layer_dirs, &upper, &work, &merged)?;
     wl.check_executable(overlay.path())?;
+    let net = netns::NetNs::create(&dir.join("netns"))?;
     let mut recorder = record::Recorder::start(overlay.path())?;
     let id = format!(
         "rstargz-optimize-{}-{}",
@@ -373,12 +375,14 @@ fn record_blocking(
             rootfs: overlay.path(),
             workload: wl,
             period,
+            netns: Some(net.path()),
         },
         &mut recorder,
         cancel,
     )?;
     let (paths, overflowed) = (std::mem::take(&mut recorder.paths), recorder.overflowed);
     drop(recorder);
+    drop(net);
     overlay.unmount()?;
     Ok(Recorded {
         paths,

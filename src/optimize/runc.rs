@@ -1,9 +1,9 @@
 //! Runs the workload with runc directly: an OCI bundle whose rootfs is the
-//! overlay mount, its own PID, mount, IPC, UTS, cgroup and network
-//! namespaces (a new network namespace has only loopback, so the workload
-//! reaches nothing), Docker's default capabilities. runc's state lives in
-//! our temp dir, and the container is killed and deleted when its guard
-//! drops, on every exit path.
+//! overlay mount; its own PID, mount, IPC, UTS and cgroup namespaces and a
+//! network namespace with only loopback, up (see `netns`), so it reaches
+//! nothing else; Docker's default capabilities. runc's state lives in our
+//! temp dir, and the container is killed and deleted when its guard drops,
+//! on every exit path.
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -42,8 +42,18 @@ const CAPS: &[&str] = &[
     "CAP_AUDIT_WRITE",
 ];
 
-/// The OCI runtime config for `w` on `rootfs`.
-pub fn spec(w: &Workload, rootfs: &Path, hostname: &str) -> serde_json::Value {
+/// The OCI runtime config for `w` on `rootfs`, joining the network
+/// namespace pinned at `netns` (a new empty one when `None`).
+pub fn spec(
+    w: &Workload,
+    rootfs: &Path,
+    hostname: &str,
+    netns: Option<&Path>,
+) -> serde_json::Value {
+    let network = match netns {
+        Some(p) => json!({"type": "network", "path": p}),
+        None => json!({"type": "network"}),
+    };
     json!({
         "ociVersion": "1.0.2",
         "process": {
@@ -75,7 +85,7 @@ pub fn spec(w: &Workload, rootfs: &Path, hostname: &str) -> serde_json::Value {
         "linux": {
             "resources": {"devices": [{"allow": false, "access": "rwm"}]},
             "namespaces": [
-                {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
+                {"type": "pid"}, network, {"type": "ipc"},
                 {"type": "uts"}, {"type": "mount"}, {"type": "cgroup"}
             ],
             "maskedPaths": [
@@ -141,6 +151,8 @@ pub struct RunSpec<'a> {
     pub rootfs: &'a Path,
     pub workload: &'a Workload,
     pub period: Duration,
+    /// A pinned network namespace to join (see `netns`).
+    pub netns: Option<&'a Path>,
 }
 
 /// Runs the workload until it exits or `period` passes, draining the
@@ -151,7 +163,7 @@ pub fn run(s: &RunSpec<'_>, recorder: &mut Recorder, cancel: &AtomicBool) -> Res
     for d in [&bundle, &state] {
         std::fs::create_dir_all(d).map_err(|e| OptimizeError::io(d, e))?;
     }
-    let cfg = spec(s.workload, s.rootfs, "rstargz-optimize");
+    let cfg = spec(s.workload, s.rootfs, "rstargz-optimize", s.netns);
     let cfg_path = bundle.join("config.json");
     std::fs::write(
         &cfg_path,
@@ -285,7 +297,7 @@ mod tests {
             env: vec!["PATH=/usr/bin".into()],
             cwd: "/srv".into(),
         };
-        let s = spec(&w, Path::new("/x/merged"), "h");
+        let s = spec(&w, Path::new("/x/merged"), "h", Some(Path::new("/x/net")));
         assert_eq!(s["process"]["args"][2], "pass");
         assert_eq!(s["process"]["cwd"], "/srv");
         assert_eq!(s["process"]["terminal"], false);
@@ -297,5 +309,6 @@ mod tests {
             .map(|n| n["type"].as_str().unwrap())
             .collect();
         assert!(ns.contains(&"network") && ns.contains(&"pid") && ns.contains(&"mount"));
+        assert_eq!(s["linux"]["namespaces"][1]["path"], "/x/net");
     }
 }
