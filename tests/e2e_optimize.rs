@@ -8,7 +8,10 @@
 //! imported; every layer verifies against its TOC digest; a saved
 //! recording gives the same manifest again; the image runs lazily through
 //! `rstargz-grpc`. A missing executable, a recording of another image and
-//! an interrupt fail clearly, push nothing and leave no mount behind.
+//! an interrupt fail clearly, push nothing and leave no mount behind; a
+//! workload that outlives `--period` is killed and what it opened so far
+//! is prioritized (layers it read nothing from get the no-prefetch
+//! landmark).
 //!
 //! Needs root, runc, containerd, FUSE, apt (for the Python .debs).
 
@@ -110,7 +113,9 @@ fn optimize_python_prioritizes_what_it_read_and_runs_lazily() {
         &dst,
     ]);
     eprintln!(
-        "rstargz optimize took {took:?}; record: {}",
+        "rstargz optimize took {took:?} (report: {}s, convert {}s); record: {}",
+        report["seconds"],
+        report["convert"]["seconds"],
         serde_json::to_string(&report["record"]).unwrap()
     );
     // The workload really ran (its stdout is forwarded to our stderr).
@@ -297,7 +302,7 @@ fn assert_clean(work: &Path) {
 }
 
 #[test]
-fn bad_workload_or_recording_fails_clearly_and_pushes_nothing() {
+fn bad_workload_or_recording_fails_clearly_and_period_and_interrupt_stop_the_workload() {
     support::require_prerequisites();
     let layout = support::temp_dir("optf-layout");
     let img = image::debian_image(layout.path(), "1");
@@ -427,5 +432,54 @@ fn bad_workload_or_recording_fails_clearly_and_pushes_nothing() {
     );
     assert_clean(work.path());
     assert_nothing_pushed(&registry, "optf/out");
+
+    // A workload still running after the period is killed; what it opened
+    // until then is kept and the image is pushed.
+    let dst = registry.reference("optf/timeout", "1");
+    let (report, _, _) = optimize(&[
+        "optimize",
+        "--plain-http",
+        "--level",
+        "1",
+        "--json",
+        "--work-dir",
+        wd,
+        "--period",
+        "2",
+        "--entrypoint",
+        "sleep",
+        "--args",
+        &secs,
+        &src,
+        &dst,
+    ]);
+    let r = &report["record"];
+    assert_eq!(r["timed_out"], true, "{r}");
+    assert!(r["exit_code"].is_null(), "{r}");
+    assert_eq!(r["per_layer"][1], 0, "{r}");
+    assert!(r["per_layer"][0].as_u64().unwrap() > 0, "{r}");
+    let (body, _) = registry.manifest("optf/timeout", "1");
+    let m: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let blobs = support::temp_dir("optf-blobs");
+    for (i, want) in [(0, PREFETCH), (1, NO_PREFETCH)] {
+        let p = blobs.path().join(format!("l{i}"));
+        registry.blob_to_file(
+            "optf/timeout",
+            m["layers"][i]["digest"].as_str().unwrap(),
+            &p,
+        );
+        let (before, landmark) = prioritized_of(&p);
+        assert_eq!(landmark, want, "layer {i}");
+        if i == 0 {
+            assert!(before.iter().any(|f| f == "usr/bin/sleep"), "{before:?}");
+        }
+    }
+    assert!(
+        !support::proc::process_table()
+            .values()
+            .any(|(_, argv)| is_workload(argv)),
+        "the workload outlived the period"
+    );
+    assert_clean(work.path());
     drop(img);
 }

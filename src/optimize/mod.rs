@@ -251,10 +251,12 @@ async fn record_image(
         set.spawn(async move {
             let _permit = sem.acquire_owned().await?;
             let mut f = File::create(&blob)?;
-            client
-                .blob_to_file(&src, &desc.digest, desc.size, &mut f)
-                .await
-                .with_context(|| format!("fetching layer {} {}", i + 1, desc.digest))?;
+            cancellable(
+                client.blob_to_file(&src, &desc.digest, desc.size, &mut f),
+                &cancel,
+            )
+            .await?
+            .with_context(|| format!("fetching layer {} {}", i + 1, desc.digest))?;
             drop(f);
             let c = Arc::clone(&cancel);
             let b = blob.clone();
@@ -327,11 +329,11 @@ async fn record_image(
     Ok((recording, summary))
 }
 
-/// Sets `cancel` so running unpacks stop, then waits for every task, so
-/// no thread still writes into the temp dir when it is removed.
+/// Sets `cancel` so running downloads and unpacks stop at their next
+/// check, then waits for every task (aborting would leave unpack threads
+/// writing into the temp dir while it is removed).
 async fn cancel_and_drain(set: &mut tokio::task::JoinSet<anyhow::Result<()>>, cancel: &AtomicBool) {
     let was = cancel.swap(true, Ordering::Relaxed);
-    set.abort_all();
     while set.join_next().await.is_some() {}
     if !was {
         cancel.store(false, Ordering::Relaxed);
