@@ -241,6 +241,34 @@ fn optimize_python_prioritizes_what_it_read_and_runs_lazily() {
         report["convert"]["manifest_digest"]
     );
 
+    // Optimizing the optimized (eStargz) image again records the same
+    // files and rebuilds the same blobs: its TOC and landmarks are dropped
+    // from the recording and from the layers, its headers are the same.
+    let dst3 = registry.reference("opt/python-esgz", "3");
+    let (re, _, _) = optimize(&[
+        "optimize",
+        "--plain-http",
+        "--level",
+        "6",
+        "--json",
+        "--args",
+        "python3",
+        "--args",
+        "-c",
+        "--args",
+        SCRIPT,
+        &dst,
+        &dst3,
+    ]);
+    assert_eq!(re["record"]["per_layer"], report["record"]["per_layer"]);
+    for l in re["convert"]["layers"].as_array().unwrap() {
+        assert_eq!(l["kept"], false, "{l}");
+    }
+    assert_eq!(
+        re["convert"]["manifest_digest"],
+        report["convert"]["manifest_digest"]
+    );
+
     // Lazily through our daemon.
     let mut daemon = Daemon::start_with_config(Some("[layer]\nbackground_fetch = false\n"));
     let ctrd = Containerd::start(ContainerdOptions {

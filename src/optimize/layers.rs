@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::error::{OptimizeError, Result};
 use super::unpack::is_opaque;
+use crate::estargz::{NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK, TOC_TAR_NAME};
 
 /// Index of the layer (base first) whose entry is `rel` in the merged root,
 /// or `None` when no layer provides it (the workload created it, or it is
@@ -68,14 +69,16 @@ fn is_whiteout(md: &std::fs::Metadata) -> bool {
 
 /// Splits recorded paths (first access order, may repeat) into per-layer
 /// lists, deduplicated, keeping the order. Paths no layer provides are
-/// dropped. Returns (per layer, every kept path in order).
+/// dropped, and so are the eStargz TOC and landmark files an eStargz
+/// source layer unpacks (the writer regenerates them). Returns (per
+/// layer, every kept path in order).
 pub fn assign(layers: &[PathBuf], recorded: &[String]) -> Result<(Vec<Vec<String>>, Vec<String>)> {
     let mut per = vec![Vec::new(); layers.len()];
     let mut all = Vec::new();
     let mut seen = HashSet::new();
     for r in recorded {
         let rel = normalize(r);
-        if rel.is_empty() || !seen.insert(rel.clone()) {
+        if rel.is_empty() || RESERVED.contains(&rel.as_str()) || !seen.insert(rel.clone()) {
             continue;
         }
         if let Some(i) = provider(layers, &rel)? {
@@ -85,6 +88,9 @@ pub fn assign(layers: &[PathBuf], recorded: &[String]) -> Result<(Vec<Vec<String
     }
     Ok((per, all))
 }
+
+/// Root-level names the eStargz writer owns.
+const RESERVED: &[&str] = &[TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK];
 
 /// `/a//b/` -> `a/b`.
 pub fn normalize(p: &str) -> String {
@@ -220,9 +226,18 @@ mod tests {
         f.file(0, "a");
         f.file(1, "b");
         f.file(0, "c");
-        let rec: Vec<String> = ["/c", "/b", "/tmp/new", "/c", "/a", "//b"]
-            .map(String::from)
-            .to_vec();
+        f.file(0, "stargz.index.json");
+        let rec: Vec<String> = [
+            "/c",
+            "/stargz.index.json",
+            "/b",
+            "/tmp/new",
+            "/c",
+            "/a",
+            "//b",
+        ]
+        .map(String::from)
+        .to_vec();
         let (per, all) = assign(&f.layers, &rec).unwrap();
         assert_eq!(per[0], ["c", "a"]);
         assert_eq!(per[1], ["b"]);
