@@ -458,6 +458,17 @@ fn bad_workload_or_recording_fails_clearly_and_period_and_interrupt_stop_the_wor
         !pt.values().any(|(_, argv)| is_workload(argv)),
         "the workload outlived optimize"
     );
+    // runc's cgroups for the container are gone too.
+    let prefix = format!("rstargz-optimize-{}-", child.id());
+    let cgroups: Vec<_> = std::fs::read_dir("/sys/fs/cgroup")
+        .unwrap()
+        .flatten()
+        .flat_map(|h| std::fs::read_dir(h.path()).into_iter().flatten().flatten())
+        .chain(std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+        .map(|e| e.path())
+        .collect();
+    assert!(cgroups.is_empty(), "cgroups left: {cgroups:?}");
     assert_clean(work.path());
     assert_nothing_pushed(&registry, "optf/out");
 

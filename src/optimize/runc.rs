@@ -23,6 +23,10 @@ use super::workload::Workload;
 const STDERR_TAIL: usize = 16 << 10;
 /// How often events are drained while the workload runs.
 const POLL: Duration = Duration::from_millis(20);
+/// A stopping container is killed again this often.
+const KILL_EVERY: Duration = Duration::from_millis(500);
+/// After this long, `runc run` itself is killed.
+const STOP_GRACE: Duration = Duration::from_secs(15);
 
 /// Docker's default capability set.
 const CAPS: &[&str] = &[
@@ -139,6 +143,42 @@ impl Drop for Container {
     fn drop(&mut self) {
         self.kill();
         let _ = self.runc().args(["delete", "--force", &self.id]).status();
+        remove_cgroups(&self.id);
+    }
+}
+
+/// Removes cgroups named after the container (cgroupfs driver: `<id>`
+/// under each v1 hierarchy, or under the v2 root) that runc left behind
+/// when the container was stopped while it was still being created.
+/// `rmdir` only removes empty cgroups; the id is ours alone.
+fn remove_cgroups(id: &str) {
+    let root = Path::new("/sys/fs/cgroup");
+    let _ = std::fs::remove_dir(root.join(id));
+    if let Ok(rd) = std::fs::read_dir(root) {
+        for e in rd.flatten() {
+            let _ = std::fs::remove_dir(e.path().join(id));
+        }
+    }
+}
+
+/// Kills the container until `runc run` exits: a kill that races with
+/// the container's creation finds nothing to kill, so it is repeated; after
+/// [`STOP_GRACE`] runc itself is killed.
+fn stop(child: &mut Child, guard: &Container) -> Option<std::process::ExitStatus> {
+    let t = Instant::now();
+    loop {
+        guard.kill();
+        let step = Instant::now();
+        while step.elapsed() < KILL_EVERY {
+            if let Ok(Some(st)) = child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(POLL);
+        }
+        if t.elapsed() >= STOP_GRACE {
+            let _ = child.kill();
+            return child.wait().ok();
+        }
     }
 }
 
@@ -204,13 +244,17 @@ pub fn run(s: &RunSpec<'_>, recorder: &mut Recorder, cancel: &AtomicBool) -> Res
             Err(e) => return Err(OptimizeError::Runtime(format!("waiting for runc: {e}"))),
         }
         if cancel.load(Ordering::Relaxed) {
-            guard.kill();
-            let _ = child.wait();
+            stop(&mut child, &guard);
             return Err(OptimizeError::Interrupted);
         }
-        if !timed_out && started.elapsed() >= s.period {
+        if started.elapsed() >= s.period {
+            // Opens until the end still count: drain once more, then stop.
             timed_out = true;
-            guard.kill();
+            recorder.drain()?;
+            match stop(&mut child, &guard) {
+                Some(st) => break st,
+                None => return Err(OptimizeError::Runtime("runc did not exit".into())),
+            }
         }
         std::thread::sleep(POLL);
     };
