@@ -3,6 +3,7 @@
 //! - [`estargz`]: the pure format library (footer, TOC, chunk lookup and
 //!   verification, the streaming writer). No async runtime, no FUSE, no HTTP.
 //! - [`convert`]: `rstargz convert`: a registry image to an eStargz image.
+//! - [`optimize`]: `rstargz optimize`: record a workload, prioritize its files.
 //! - [`fs`]: the remote filesystem side: FUSE mounts, range reads, caches.
 //! - [`snapshotter`]: containerd's snapshots gRPC service, metadata store and
 //!   overlayfs mounts.
@@ -11,6 +12,7 @@
 pub mod convert;
 pub mod estargz;
 pub mod fs;
+pub mod optimize;
 pub mod snapshotter;
 
 /// Generated containerd API code (`proto/`), nested as the proto packages

@@ -227,6 +227,20 @@ fn prioritized_order_parents_and_hardlinks() {
     let tar_names: Vec<String> = tar_entries(&blob).into_iter().map(|e| e.0).collect();
     assert_eq!(&tar_names[..3], ["a/", "a/b/", "a/b/c.txt"]);
     assert_eq!(find(&toc, "a/").mode, 0o755);
+    // Headers we make (parents, landmark, TOC) have numeric owner fields,
+    // not blank ones: strict readers (tar-rs, used by `rstargz optimize`
+    // to unpack eStargz sources) reject blanks.
+    let gz = flate2::read::MultiGzDecoder::new(&blob[..]);
+    let mut ar = tar::Archive::new(gz);
+    for e in ar.entries().unwrap() {
+        let e = e.unwrap();
+        let name = e.path().unwrap().display().to_string();
+        assert!(e.header().uid().is_ok(), "uid of {name}");
+        assert!(e.header().gid().is_ok(), "gid of {name}");
+        if name.ends_with(".landmark") || name == "a/" || name == "stargz.index.json" {
+            assert_eq!(e.header().uid().ok(), Some(0), "uid of {name}");
+        }
+    }
 
     let missing = BuildOptions {
         prioritized_files: vec!["nope".into(), "other".into()],

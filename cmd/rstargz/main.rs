@@ -3,6 +3,7 @@
 mod blob;
 mod blob_build;
 mod convert;
+mod optimize;
 mod status;
 
 use std::process::ExitCode;
@@ -31,6 +32,9 @@ enum Command {
     Status(status::StatusArgs),
     /// Convert an image (registry or `oci:DIR`) to eStargz and push it.
     Convert(convert::ConvertArgs),
+    /// Run the image's workload, record the files it opens and convert
+    /// with them prioritized.
+    Optimize(optimize::OptimizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -39,6 +43,7 @@ fn main() -> ExitCode {
         Command::Blob { command } => blob::run(command),
         Command::Status(args) => status::run(args),
         Command::Convert(args) => convert::run(args),
+        Command::Optimize(args) => optimize::run(args),
     };
     match res {
         Ok(code) => code,

@@ -35,6 +35,7 @@ pub mod faultproxy;
 pub mod image;
 pub mod interop;
 pub mod proc;
+pub mod python;
 pub mod registry;
 pub mod rootfs;
 

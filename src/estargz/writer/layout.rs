@@ -114,6 +114,10 @@ impl Producer<'_> {
                 h.set_mode(0o755);
                 h.set_size(0);
                 h.set_mtime(0);
+                // Zero, not empty: strict readers (tar-rs) reject blank
+                // numeric fields.
+                h.set_uid(0);
+                h.set_gid(0);
                 self.synth_header(&mut h, &format!("{name}/"))?;
                 let mut j = JsonEntry::new(toc_name(&name, EntryType::Dir), EntryType::Dir);
                 j.mode = 0o755;
@@ -126,6 +130,8 @@ impl Producer<'_> {
                 h.set_mode(0o644);
                 h.set_size(1);
                 h.set_mtime(0);
+                h.set_uid(0);
+                h.set_gid(0);
                 self.synth_header(&mut h, name)?;
                 let mut j = JsonEntry::new(name, EntryType::Reg);
                 j.mode = 0o644;

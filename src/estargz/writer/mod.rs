@@ -227,6 +227,8 @@ fn toc_tar(json: &[u8]) -> Result<Vec<u8>> {
     h.set_mode(0o444);
     h.set_size(json.len() as u64);
     h.set_mtime(0);
+    h.set_uid(0);
+    h.set_gid(0);
     let mut b = tar::Builder::new(Vec::with_capacity(json.len() + 2048));
     b.append_data(&mut h, TOC_TAR_NAME, json)?;
     Ok(b.into_inner()?)
