@@ -123,6 +123,8 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
             .expect("mountinfo")
             .lines()
             .filter(|l| l.contains(" - fuse.rstargz "))
+            // Layers are bind mounts of `<root>/fuse/<slot>`; skip that mount itself.
+            .filter(|l| l.split(' ').nth(3) != Some("/"))
             .filter(|l| l.contains(&*daemon.address.parent().unwrap().to_string_lossy()))
             .map(str::to_string)
             .collect();
@@ -457,6 +459,8 @@ fn fuse_mounts(daemon: &Daemon) -> Vec<String> {
         .expect("mountinfo")
         .lines()
         .filter(|l| l.contains(" - fuse.rstargz "))
+        // Layers are bind mounts of `<root>/fuse/<slot>`; skip that mount itself.
+        .filter(|l| l.split(' ').nth(3) != Some("/"))
         .filter(|l| l.contains(&*dir.to_string_lossy()))
         .map(str::to_string)
         .collect()

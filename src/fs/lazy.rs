@@ -3,8 +3,9 @@
 //!
 //! `mount` reads the labels containerd passes on `Prepare` (image reference,
 //! layer digest, TOC digest), opens the layer (blob size plus one tail read
-//! for footer and TOC, TOC digest checked), and mounts it read-only with
-//! FUSE. Any failure is returned as a reason, and the snapshotter falls back
+//! for footer and TOC, TOC digest checked), and serves it read-only in a
+//! slot of the daemon's single FUSE mount ([`MuxMount`], at `<root>/fuse`),
+//! bind-mounted on the snapshot's directory. Any failure is returned as a reason, and the snapshotter falls back
 //! to an ordinary pull of that layer. `check` waits for the layer's prefetch
 //! (bounded) so that a container created right after the pull finds its
 //! prioritized files cached.
@@ -19,13 +20,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::fs::cache::Caches;
 use crate::fs::content::ContentSource;
-use crate::fs::fuse::{self, LayerFs, LayerFsOptions, MountHandle, MountOptions};
+use crate::fs::fuse::{self, LayerFs, LayerFsOptions, MountOptions, MuxMount};
 use crate::fs::layer::{
     DynFetcher, Layer, LayerConfig, LayerContext, PrefetchState, StatsSnapshot, TocCheck, Trust,
     open_layer,
 };
 use crate::fs::prewarm::{self, Prewarm, WarmFetcher};
 use crate::fs::registry::{Reference, RegistryClient, RegistryConfig};
+use crate::fs::slots::SlotTable;
 use crate::snapshotter::{RemoteError, RemoteFs};
 
 /// Image reference: CRI's label first, then stargz-snapshotter's.
@@ -48,8 +50,9 @@ pub struct FsConfig {
     /// Mount legacy stargz layers that carry the `stargz.skipverify` label
     /// without a TOC digest.
     pub allow_no_verification: bool,
-    /// FUSE worker threads per mounted layer. Reads are answered from the
-    /// runtime, so one is enough for metadata operations.
+    /// FUSE worker threads of the daemon's single mount, shared by every
+    /// layer. Reads are answered from the runtime; workers only answer
+    /// metadata from memory and start reads.
     pub fuse_threads: usize,
     /// Largest number of reads in flight per layer.
     pub max_inflight_reads: usize,
@@ -60,7 +63,7 @@ impl Default for FsConfig {
         FsConfig {
             enabled: true,
             allow_no_verification: false,
-            fuse_threads: 1,
+            fuse_threads: 4,
             max_inflight_reads: 64,
         }
     }
@@ -70,6 +73,8 @@ impl Default for FsConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerStatus {
     pub mountpoint: PathBuf,
+    /// The layer's directory in the daemon's FUSE mount (`<root>/fuse/<slot>`).
+    pub slot: u32,
     pub reference: String,
     pub digest: String,
     pub verified: bool,
@@ -94,7 +99,7 @@ pub struct Fallback {
 
 struct Mounted {
     layer: Arc<Layer<DynFetcher>>,
-    handle: Option<MountHandle>,
+    slot: u32,
     reference: String,
     digest: String,
 }
@@ -106,6 +111,10 @@ pub struct LazyFs {
     base: LayerContext,
     rt: tokio::runtime::Handle,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
+    /// The single FUSE mount, made on first use.
+    mux: Mutex<Option<Arc<MuxMount>>>,
+    mux_dir: PathBuf,
+    slots: Arc<Mutex<SlotTable>>,
     fallbacks: Mutex<VecDeque<Fallback>>,
     fallbacks_total: AtomicU64,
     prewarm: Prewarm,
@@ -113,18 +122,28 @@ pub struct LazyFs {
 
 impl LazyFs {
     /// Builds the registry client and the shared caches (scanning the disk
-    /// cache directory; blocking). `cache_dir` is used when the layer
-    /// config names none.
+    /// cache directory; blocking). `root` is the daemon's state directory:
+    /// `<root>/cache` is the disk cache when the layer config names none,
+    /// `<root>/fuse` the FUSE mount, `<root>/fuse-slots.json` the slots.
     pub fn new(
         config: FsConfig,
         registry: RegistryConfig,
         mut layer: LayerConfig,
-        cache_dir: &Path,
+        root: &Path,
         rt: tokio::runtime::Handle,
     ) -> anyhow::Result<Self> {
         if layer.disk_cache_dir.is_none() && layer.disk_cache_bytes > 0 {
-            layer.disk_cache_dir = Some(cache_dir.to_path_buf());
+            layer.disk_cache_dir = Some(root.join("cache"));
         }
+        std::fs::create_dir_all(root)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", root.display()))?;
+        let slot_file = root.join("fuse-slots.json");
+        let slots = SlotTable::load(&slot_file).unwrap_or_else(|e| {
+            // Slots only matter to a future FUSE hand-over; start afresh.
+            tracing::warn!(error = %e, "ignoring the slot file");
+            let _ = std::fs::remove_file(&slot_file);
+            SlotTable::load(&slot_file).expect("missing slot file loads empty")
+        });
         layer
             .validate()
             .map_err(|e| anyhow::anyhow!("[layer]: {e}"))?;
@@ -136,6 +155,9 @@ impl LazyFs {
             base: LayerContext::new(layer, caches),
             rt,
             mounts: Mutex::new(HashMap::new()),
+            mux: Mutex::new(None),
+            mux_dir: root.join("fuse"),
+            slots: Arc::new(Mutex::new(slots)),
             fallbacks: Mutex::new(VecDeque::with_capacity(FALLBACK_HISTORY)),
             fallbacks_total: AtomicU64::new(0),
             prewarm: Prewarm::default(),
@@ -149,6 +171,7 @@ impl LazyFs {
             .iter()
             .map(|(path, m)| LayerStatus {
                 mountpoint: path.clone(),
+                slot: m.slot,
                 reference: m.reference.clone(),
                 digest: m.digest.clone(),
                 verified: matches!(m.layer.trust(), Trust::Verified { .. }),
@@ -274,17 +297,23 @@ impl LazyFs {
                 ..LayerFsOptions::default()
             },
         );
-        let opts = MountOptions {
-            fsname: digest.clone(),
-            threads: self.config.fuse_threads,
-            ..MountOptions::default()
-        };
+        // A remount replaces the layer: its old slot is detached first.
+        let old = self.lock().remove(mountpoint);
+        if let Some(old) = old {
+            self.release(old, mountpoint, false).await;
+        }
+        let mux = self.mux().await?;
         let path = mountpoint.to_path_buf();
-        // mount(2) and the FUSE handshake block; a mount left by a crashed
-        // daemon (ENOTCONN) is cleared first.
-        let handle = tokio::task::spawn_blocking(move || {
-            let _ = fuse::unmount(&path);
-            fuse::mount(&path, fs, &opts)
+        let slots = self.slots_handle();
+        // Slot bookkeeping, mount(2) and the bind block: off the runtime.
+        let slot = tokio::task::spawn_blocking(move || -> Result<u32, String> {
+            let mut table = slots.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = table
+                .assign(&path, |s| mux.is_free(s))
+                .map_err(|e| e.to_string())?;
+            drop(table);
+            mux.attach(slot, fs, &path).map_err(|e| e.to_string())?;
+            Ok(slot)
         })
         .await
         .map_err(|e| RemoteError::new(format!("mount task failed: {e}")))?
@@ -295,21 +324,87 @@ impl LazyFs {
             digest = %digest,
             verified = matches!(layer.trust(), Trust::Verified { .. }),
             prewarmed,
+            slot,
             "layer mounted lazily"
         );
         let old = self.lock().insert(
             mountpoint.to_path_buf(),
             Mounted {
                 layer,
-                handle: Some(handle),
+                slot,
                 reference,
                 digest,
             },
         );
         if let Some(old) = old {
-            release(old).await;
+            self.release(old, mountpoint, false).await;
         }
         Ok(())
+    }
+
+    fn slots_handle(&self) -> Arc<Mutex<SlotTable>> {
+        self.slots.clone()
+    }
+
+    /// The daemon's FUSE mount, mounted on first use.
+    async fn mux(&self) -> Result<Arc<MuxMount>, RemoteError> {
+        if let Some(m) = self.mux.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(m);
+        }
+        let dir = self.mux_dir.clone();
+        let opts = MountOptions {
+            fsname: "rstargz".into(),
+            threads: self.config.fuse_threads,
+            ..MountOptions::default()
+        };
+        let inflight = self.config.max_inflight_reads;
+        let made = tokio::task::spawn_blocking(move || MuxMount::mount(&dir, &opts, inflight))
+            .await
+            .map_err(|e| RemoteError::new(format!("mount task failed: {e}")))?
+            .map_err(|e| {
+                RemoteError::new(format!("FUSE mount at {}: {e}", self.mux_dir.display()))
+            })?;
+        let mut slot = self.mux.lock().unwrap_or_else(|e| e.into_inner());
+        // Two first mounts raced: keep the one stored first (the other
+        // unmounts when dropped, off the lock).
+        let m = slot.get_or_insert_with(|| Arc::new(made)).clone();
+        Ok(m)
+    }
+
+    /// Layers attached and detached-but-referenced in the FUSE mount.
+    pub fn fuse_slots(&self) -> (usize, usize) {
+        match &*self.mux.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(m) => m.slots_in_use(),
+            None => (0, 0),
+        }
+    }
+
+    /// Unbinds a layer (blocking, off the runtime) and stops its background
+    /// work. `forget_slot`: the snapshot is gone, so is its slot record.
+    async fn release(&self, m: Mounted, mountpoint: &Path, forget_slot: bool) {
+        m.layer.close();
+        let mux = self.mux.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let path = mountpoint.to_path_buf();
+        let slots = self.slots_handle();
+        let slot = m.slot;
+        let r = tokio::task::spawn_blocking(move || {
+            if let Some(mux) = mux {
+                mux.detach(slot);
+            }
+            if forget_slot {
+                let mut t = slots.lock().unwrap_or_else(|e| e.into_inner());
+                if t.get(&path) == Some(slot) {
+                    t.release(&path)?;
+                }
+            }
+            Ok::<_, crate::fs::slots::SlotError>(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, digest = %m.digest, "slot release failed"),
+            Err(e) => tracing::warn!(error = %e, digest = %m.digest, "unmount task failed"),
+        }
     }
 }
 
@@ -359,23 +454,12 @@ impl RemoteFs for LazyFs {
     async fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError> {
         let removed = self.lock().remove(mountpoint);
         match removed {
-            Some(m) => release(m).await,
+            Some(m) => self.release(m, mountpoint, true).await,
             None => {
                 let path = mountpoint.to_path_buf();
                 let _ = tokio::task::spawn_blocking(move || fuse::unmount(&path)).await;
             }
         }
         Ok(())
-    }
-}
-
-/// Unmounts (blocking, off the runtime) and stops the layer's background work.
-async fn release(mut m: Mounted) {
-    m.layer.close();
-    if let Some(h) = m.handle.take() {
-        let r = tokio::task::spawn_blocking(move || h.unmount()).await;
-        if let Ok(Err(e)) = r {
-            tracing::warn!(error = %e, digest = %m.digest, "unmount failed");
-        }
     }
 }

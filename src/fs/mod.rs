@@ -4,7 +4,9 @@
 //! - [`prewarm`]: blob size and tail of the layers above, fetched ahead.
 //! - [`status`]: the daemon's `/status` and `/metrics` HTTP endpoint.
 //! - [`lazy`]: [`lazy::LazyFs`], the snapshotter's `RemoteFs`: labels → layer → FUSE mount.
-//! - [`fuse`]: the read-only FUSE filesystem of one layer (fuser).
+//! - [`fuse`]: the read-only FUSE filesystem of a layer (fuser), and the
+//!   daemon's single mount multiplexing all layers.
+//! - [`slots`]: durable slot number of each mounted layer.
 //! - [`content`]: the [`ContentSource`] seam the FUSE filesystem reads from.
 //! - [`layer`]: one opened blob: TOC check, single-flight verified chunk
 //!   fetches, prefetch, background fetch, read-ahead, stats
@@ -19,6 +21,7 @@ pub mod layer;
 pub mod lazy;
 pub mod prewarm;
 pub mod registry;
+pub mod slots;
 pub mod status;
 
 pub use content::{ContentSource, ReadError, ReadFuture};
