@@ -21,12 +21,12 @@ mod common;
 #[path = "../tests/support/mod.rs"]
 mod support;
 
+mod remote;
+
 use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rstargz::estargz::writer::{BuildOptions, build};
-use rstargz::proto::snapshots::{PrepareSnapshotRequest, RemoveSnapshotRequest};
 use support::registry::Registry;
 
 const REPO: &str = "bench/layers";
@@ -86,8 +86,8 @@ fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
     h
 }
 
-/// A small layer whose bytes differ from every other layer's.
-fn layer_blob(i: usize) -> (Vec<u8>, String) {
+/// The tar of a small layer whose bytes differ from every other layer's.
+fn layer_tar(i: usize) -> Vec<u8> {
     let mut tar = tar::Builder::new(Vec::new());
     let mut h = header(tar::EntryType::Directory, 0o755, 0);
     tar.append_data(&mut h, format!("l{i}/"), std::io::empty())
@@ -100,15 +100,7 @@ fn layer_blob(i: usize) -> (Vec<u8>, String) {
         tar.append_data(&mut h, format!("l{i}/f{j}"), &body[..])
             .unwrap();
     }
-    let tar = tar.into_inner().unwrap();
-    let mut out = Vec::new();
-    let opts = BuildOptions {
-        threads: 1,
-        level: 1,
-        ..BuildOptions::default()
-    };
-    let r = build(Cursor::new(tar), &mut out, &opts).expect("build eStargz layer");
-    (out, r.toc_digest)
+    tar.into_inner().unwrap()
 }
 
 fn read_tree(dir: &Path) -> (usize, u64) {
@@ -150,11 +142,8 @@ fn main() {
     support::require_prerequisites();
     let registry = Registry::start();
     let t = Instant::now();
-    let layers: Vec<(String, String)> = (0..n)
-        .map(|i| {
-            let (blob, toc) = layer_blob(i);
-            (registry.push_blob(REPO, &blob), toc)
-        })
+    let layers: Vec<remote::Pushed> = (0..n)
+        .map(|i| remote::push_estargz(&registry, REPO, Cursor::new(layer_tar(i))))
         .collect();
     eprintln!("built and pushed {n} layers in {:?}", t.elapsed());
 
@@ -175,31 +164,7 @@ fn main() {
     let t = Instant::now();
     let remote = rt.block_on(async {
         let mut c = daemon.client().await;
-        let mut remote = 0;
-        for (i, (digest, toc)) in layers.iter().enumerate() {
-            let labels = [
-                ("containerd.io/snapshot.ref", format!("chain-{i}")),
-                ("containerd.io/snapshot/cri.image-ref", image.clone()),
-                ("containerd.io/snapshot/cri.layer-digest", digest.clone()),
-                ("containerd.io/snapshot/stargz/toc.digest", toc.clone()),
-            ];
-            let req = PrepareSnapshotRequest {
-                snapshotter: String::new(),
-                key: format!("extract-{i}"),
-                parent: String::new(),
-                labels: labels
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.clone()))
-                    .collect(),
-            };
-            // A layer mounted remotely is committed at once: AlreadyExists.
-            match c.prepare(req).await {
-                Err(s) if s.code() == tonic::Code::AlreadyExists => remote += 1,
-                Err(s) => panic!("prepare {i}: {s}"),
-                Ok(_) => eprintln!("layer {i} was not prepared remotely"),
-            }
-        }
-        remote
+        remote::prepare_remote(&mut c, &image, &layers).await
     });
     let prepared_in = t.elapsed();
     assert_eq!(remote, n, "layers prepared remotely\n{}", daemon.log_text());
@@ -211,22 +176,22 @@ fn main() {
         .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     let read_in = t.elapsed();
     // Each layer also holds the writer's (empty) prefetch landmark.
-    assert_eq!(files, n * (FILES_PER_LAYER + 1), "files read through the mounts");
-    assert!(bytes >= (n * FILES_PER_LAYER * FILE_SIZE) as u64, "{bytes} bytes read");
+    assert_eq!(
+        files,
+        n * (FILES_PER_LAYER + 1),
+        "files read through the mounts"
+    );
+    assert!(
+        bytes >= (n * FILES_PER_LAYER * FILE_SIZE) as u64,
+        "{bytes} bytes read"
+    );
     // Let prefetch and background fetch finish.
     std::thread::sleep(Duration::from_secs(if full { 3 } else { 1 }));
     let loaded = sample(pid, &metrics);
 
     rt.block_on(async {
         let mut c = daemon.client().await;
-        for i in 0..n {
-            c.remove(RemoveSnapshotRequest {
-                snapshotter: String::new(),
-                key: format!("chain-{i}"),
-            })
-            .await
-            .unwrap_or_else(|s| panic!("remove chain-{i}: {s}"));
-        }
+        remote::remove_all(&mut c, n).await
     });
     // Idle blocking-pool threads expire after 10 s.
     std::thread::sleep(Duration::from_secs(if full { 12 } else { 1 }));

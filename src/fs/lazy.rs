@@ -28,6 +28,7 @@ use crate::fs::layer::{
 use crate::fs::prewarm::{self, Prewarm, WarmFetcher};
 use crate::fs::registry::{Reference, RegistryClient, RegistryConfig};
 use crate::fs::slots::SlotTable;
+use crate::fs::tail_cache::{self, TailCache};
 use crate::snapshotter::{RemoteError, RemoteFs};
 
 /// Image reference: CRI's label first, then stargz-snapshotter's.
@@ -75,6 +76,9 @@ pub struct LayerStatus {
     pub mountpoint: PathBuf,
     /// The layer's directory in the daemon's FUSE mount (`<root>/fuse/<slot>`).
     pub slot: u32,
+    /// Where footer and TOC came from at open: `registry`, `prewarm`, or
+    /// `disk` (stored by an earlier open, e.g. before a restart).
+    pub tail_source: &'static str,
     pub reference: String,
     pub digest: String,
     pub verified: bool,
@@ -97,9 +101,33 @@ pub struct Fallback {
     pub reason: String,
 }
 
+/// Where a layer's footer and TOC came from when it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailSource {
+    /// Fetched ahead while a layer below was mounted.
+    Prewarm,
+    /// Stored by an earlier open (`<root>/toc-cache`); no registry request.
+    Disk,
+    Registry,
+}
+
+impl TailSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TailSource::Prewarm => "prewarm",
+            TailSource::Disk => "disk",
+            TailSource::Registry => "registry",
+        }
+    }
+}
+
+/// Bytes of TOC tails kept on disk (`<root>/toc-cache`).
+const TAIL_CACHE_BYTES: u64 = 256 << 20;
+
 struct Mounted {
     layer: Arc<Layer<DynFetcher>>,
     slot: u32,
+    tail: TailSource,
     reference: String,
     digest: String,
 }
@@ -115,6 +143,7 @@ pub struct LazyFs {
     mux: Mutex<Option<Arc<MuxMount>>>,
     mux_dir: PathBuf,
     slots: Arc<Mutex<SlotTable>>,
+    tails: TailCache,
     fallbacks: Mutex<VecDeque<Fallback>>,
     fallbacks_total: AtomicU64,
     prewarm: Prewarm,
@@ -158,6 +187,7 @@ impl LazyFs {
             mux: Mutex::new(None),
             mux_dir: root.join("fuse"),
             slots: Arc::new(Mutex::new(slots)),
+            tails: TailCache::new(tail_cache::default_dir(root), TAIL_CACHE_BYTES),
             fallbacks: Mutex::new(VecDeque::with_capacity(FALLBACK_HISTORY)),
             fallbacks_total: AtomicU64::new(0),
             prewarm: Prewarm::default(),
@@ -172,6 +202,7 @@ impl LazyFs {
             .map(|(path, m)| LayerStatus {
                 mountpoint: path.clone(),
                 slot: m.slot,
+                tail_source: m.tail.as_str(),
                 reference: m.reference.clone(),
                 digest: m.digest.clone(),
                 verified: matches!(m.layer.trust(), Trust::Verified { .. }),
@@ -237,7 +268,7 @@ impl LazyFs {
     async fn open(
         &self,
         labels: &HashMap<String, String>,
-    ) -> Result<(Layer<DynFetcher>, String, String, bool), String> {
+    ) -> Result<(Layer<DynFetcher>, String, String, TailSource), String> {
         let reference = first_label(labels, &IMAGE_REF_LABELS)
             .ok_or("no image reference label (cri.image-ref or stargz.reference)")?;
         let digest = first_label(labels, &LAYER_DIGEST_LABELS)
@@ -251,26 +282,64 @@ impl LazyFs {
         });
         self.prewarm
             .start(&self.client, &parsed, neighbours, &self.base.reader);
-        let warm = self.prewarm.take(digest).await;
-        let blob = match &warm {
-            Some(w) => self.client.blob_with_size(&parsed, digest, w.size),
-            None => self.client.blob(&parsed, digest),
-        }
-        .map_err(|e| format!("layer {digest}: {e}"))?;
-        let fetcher = match &warm {
-            Some(w) => DynFetcher(Arc::new(WarmFetcher::new(DynFetcher(Arc::new(blob)), w))),
-            None => DynFetcher(Arc::new(blob)),
+        let toc = match &check {
+            TocCheck::Digest(d) => Some(d.to_string()),
+            TocCheck::Skip { .. } => None,
         };
-        let ctx = self.base.clone().with_labels(labels);
-        let layer = open_layer(fetcher, check, ctx)
-            .await
-            .map_err(|e| format!("opening layer {digest} of {reference}: {e}"))?;
-        Ok((
-            layer,
-            reference.to_string(),
-            digest.to_string(),
-            warm.is_some(),
-        ))
+        let mut warm = self.prewarm.take(digest).await;
+        let mut source = TailSource::Prewarm;
+        if warm.is_none()
+            && let Some(toc) = &toc
+        {
+            let (tails, d, t) = (self.tails.clone(), digest.to_string(), toc.clone());
+            warm = tokio::task::spawn_blocking(move || tails.load(&d, &t))
+                .await
+                .ok()
+                .flatten()
+                .map(Arc::new);
+            source = TailSource::Disk;
+        }
+        loop {
+            let w = match warm.take() {
+                Some(w) => w,
+                None => {
+                    source = TailSource::Registry;
+                    let w = prewarm::fetch_warm(&self.client, &parsed, digest, &self.base.reader)
+                        .await
+                        .map_err(|e| format!("layer {digest}: {e}"))?;
+                    Arc::new(w)
+                }
+            };
+            let blob = self
+                .client
+                .blob_with_size(&parsed, digest, w.size)
+                .map_err(|e| format!("layer {digest}: {e}"))?;
+            let fetcher = DynFetcher(Arc::new(WarmFetcher::new(DynFetcher(Arc::new(blob)), &w)));
+            let ctx = self.base.clone().with_labels(labels);
+            let opened = open_layer(fetcher, check.clone(), ctx).await;
+            let layer = match opened {
+                Ok(l) => l,
+                Err(e) if source == TailSource::Disk => {
+                    // A stored tail that no longer checks out: drop it and
+                    // read the registry's.
+                    tracing::warn!(digest, error = %e, "cached TOC tail rejected; fetching it again");
+                    let (tails, d) = (self.tails.clone(), digest.to_string());
+                    let _ = tokio::task::spawn_blocking(move || tails.remove(&d)).await;
+                    continue;
+                }
+                Err(e) => return Err(format!("opening layer {digest} of {reference}: {e}")),
+            };
+            if source != TailSource::Disk
+                && let (Some(toc), Trust::Verified { .. }) = (&toc, layer.trust())
+            {
+                let (tails, d, t) = (self.tails.clone(), digest.to_string(), toc.clone());
+                let stored = tokio::task::spawn_blocking(move || tails.store(&d, &t, &w)).await;
+                if let Ok(Err(e)) = stored {
+                    tracing::warn!(digest, error = %e, "storing the TOC tail failed");
+                }
+            }
+            return Ok((layer, reference.to_string(), digest.to_string(), source));
+        }
     }
 
     /// `RemoteFs::mount` without the fallback bookkeeping.
@@ -285,7 +354,7 @@ impl LazyFs {
             ));
         }
         let labels: HashMap<String, String> = labels.clone().into_iter().collect();
-        let (layer, reference, digest, prewarmed) =
+        let (layer, reference, digest, tail) =
             self.open(&labels).await.map_err(RemoteError::new)?;
         let layer = Arc::new(layer);
         let fs = LayerFs::new(
@@ -323,7 +392,7 @@ impl LazyFs {
             reference = %reference,
             digest = %digest,
             verified = matches!(layer.trust(), Trust::Verified { .. }),
-            prewarmed,
+            tail = tail.as_str(),
             slot,
             "layer mounted lazily"
         );
@@ -332,6 +401,7 @@ impl LazyFs {
             Mounted {
                 layer,
                 slot,
+                tail,
                 reference,
                 digest,
             },
@@ -454,7 +524,16 @@ impl RemoteFs for LazyFs {
     async fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError> {
         let removed = self.lock().remove(mountpoint);
         match removed {
-            Some(m) => self.release(m, mountpoint, true).await,
+            Some(m) => {
+                // The snapshot is gone: so is the reason to keep its tail,
+                // unless another snapshot mounts the same blob.
+                let shared = self.lock().values().any(|o| o.digest == m.digest);
+                if !shared {
+                    let (tails, d) = (self.tails.clone(), m.digest.clone());
+                    let _ = tokio::task::spawn_blocking(move || tails.remove(&d)).await;
+                }
+                self.release(m, mountpoint, true).await
+            }
             None => {
                 let path = mountpoint.to_path_buf();
                 let _ = tokio::task::spawn_blocking(move || fuse::unmount(&path)).await;
