@@ -392,6 +392,7 @@ impl LazyFs {
             reference = %reference,
             digest = %digest,
             verified = matches!(layer.trust(), Trust::Verified { .. }),
+            prewarmed = tail == TailSource::Prewarm,
             tail = tail.as_str(),
             slot,
             "layer mounted lazily"
