@@ -110,6 +110,10 @@ fn walk(dir: &Path, buf: &mut [u8]) -> (u64, u64) {
     let (mut entries, mut bytes) = (0, 0);
     for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let p = e.unwrap().path();
+        // The writer's prefetch landmark exists only in the eStargz layer.
+        if p.file_name().is_some_and(|n| n.to_string_lossy().ends_with("prefetch.landmark")) {
+            continue;
+        }
         let m = std::fs::symlink_metadata(&p).unwrap();
         entries += 1;
         if m.is_dir() {
