@@ -111,7 +111,9 @@ fn walk(dir: &Path, buf: &mut [u8]) -> (u64, u64) {
     for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
         let p = e.unwrap().path();
         // The writer's prefetch landmark exists only in the eStargz layer.
-        if p.file_name().is_some_and(|n| n.to_string_lossy().ends_with("prefetch.landmark")) {
+        if p.file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with("prefetch.landmark"))
+        {
             continue;
         }
         let m = std::fs::symlink_metadata(&p).unwrap();
@@ -321,6 +323,13 @@ fn main() {
         );
     }
 
+    let log = daemon.log_text();
+    println!();
+    println!(
+        "files served by FUSE passthrough: {}; written out for it: {}",
+        log.matches("passthrough backing file registered").count(),
+        log.matches("complete file written").count(),
+    );
     rt.block_on(async {
         let mut c = daemon.client().await;
         remote::remove_all(&mut c, layers.len()).await

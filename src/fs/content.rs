@@ -21,6 +21,12 @@ pub trait ContentSource: Send + Sync + 'static {
     /// result means end of file. Only bytes that passed verification are
     /// returned.
     fn read(self: Arc<Self>, node: NodeId, offset: u64, size: u32) -> ReadFuture;
+
+    /// Whether every chunk has been fetched (and cached) already, so that
+    /// writing whole files out for passthrough costs no network.
+    fn complete(&self) -> bool {
+        false
+    }
 }
 
 /// Why a read failed. Every variant answers `EIO` except where noted, but

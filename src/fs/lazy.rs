@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::fs::cache::Caches;
+use crate::fs::cache::{Caches, CompleteFiles};
 use crate::fs::content::ContentSource;
 use crate::fs::fuse::{self, LayerFs, LayerFsOptions, MountOptions, MuxMount};
 use crate::fs::layer::{
@@ -57,6 +57,10 @@ pub struct FsConfig {
     pub fuse_threads: usize,
     /// Largest number of reads in flight per layer.
     pub max_inflight_reads: usize,
+    /// Bytes of whole files written out (`<root>/complete-files`) once a
+    /// layer is fully fetched, served by FUSE passthrough at local-file
+    /// speed. 0 turns passthrough off.
+    pub passthrough_bytes: u64,
 }
 
 impl Default for FsConfig {
@@ -66,6 +70,7 @@ impl Default for FsConfig {
             allow_no_verification: false,
             fuse_threads: 4,
             max_inflight_reads: 64,
+            passthrough_bytes: 2 << 30,
         }
     }
 }
@@ -144,6 +149,7 @@ pub struct LazyFs {
     mux_dir: PathBuf,
     slots: Arc<Mutex<SlotTable>>,
     tails: TailCache,
+    complete: Option<Arc<CompleteFiles>>,
     fallbacks: Mutex<VecDeque<Fallback>>,
     fallbacks_total: AtomicU64,
     prewarm: Prewarm,
@@ -176,6 +182,15 @@ impl LazyFs {
         layer
             .validate()
             .map_err(|e| anyhow::anyhow!("[layer]: {e}"))?;
+        let complete = match config.passthrough_bytes {
+            0 => None,
+            n => {
+                let dir = root.join("complete-files");
+                let f = CompleteFiles::open(&dir, n)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+                Some(Arc::new(f))
+            }
+        };
         let client = RegistryClient::new(registry)?;
         let caches = Caches::from_config(&layer)?;
         Ok(LazyFs {
@@ -188,6 +203,7 @@ impl LazyFs {
             mux_dir: root.join("fuse"),
             slots: Arc::new(Mutex::new(slots)),
             tails: TailCache::new(tail_cache::default_dir(root), TAIL_CACHE_BYTES),
+            complete,
             fallbacks: Mutex::new(VecDeque::with_capacity(FALLBACK_HISTORY)),
             fallbacks_total: AtomicU64::new(0),
             prewarm: Prewarm::default(),
@@ -357,7 +373,7 @@ impl LazyFs {
         let (layer, reference, digest, tail) =
             self.open(&labels).await.map_err(RemoteError::new)?;
         let layer = Arc::new(layer);
-        let fs = LayerFs::new(
+        let mut fs = LayerFs::new(
             layer.index_arc(),
             layer.clone() as Arc<dyn ContentSource>,
             self.rt.clone(),
@@ -366,6 +382,9 @@ impl LazyFs {
                 ..LayerFsOptions::default()
             },
         );
+        if let Some(files) = &self.complete {
+            fs = fs.with_passthrough(files.clone());
+        }
         // A remount replaces the layer: its old slot is detached first.
         let old = self.lock().remove(mountpoint);
         if let Some(old) = old {

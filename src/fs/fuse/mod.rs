@@ -19,6 +19,7 @@ mod error;
 mod mount;
 mod mux;
 mod ops;
+mod passthrough;
 mod read;
 mod whiteout;
 
@@ -103,6 +104,8 @@ pub struct LayerFs {
     /// Entries handed to the kernel (lookup, readdirplus) minus those it
     /// forgot: while non-zero the kernel may still ask about our inodes.
     lookups: AtomicU64,
+    /// Passthrough of complete files, when enabled.
+    passthrough: Option<passthrough::Passthrough>,
 }
 
 /// What an inode number refers to.
@@ -138,7 +141,14 @@ impl LayerFs {
             total_bytes,
             ino_base: 0,
             lookups: AtomicU64::new(0),
+            passthrough: None,
         }
+    }
+
+    /// Serves files from `files` by FUSE passthrough once written out there.
+    pub fn with_passthrough(mut self, files: Arc<crate::fs::cache::CompleteFiles>) -> LayerFs {
+        self.passthrough = Some(passthrough::Passthrough::new(files));
+        self
     }
 
     /// Numbers this layer's inodes from `base` (see [`slot_base`]).

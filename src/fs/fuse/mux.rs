@@ -231,6 +231,22 @@ impl Filesystem for MuxFs {
         reply.ok();
     }
 
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
+        flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        match self.layer(ino) {
+            Some(fs) => fs.release(req, ino, fh, flags, lock_owner, flush, reply),
+            None => reply.ok(),
+        }
+    }
+
     fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if ino == ROOT {
             return reply.opened(FileHandle(0), FopenFlags::empty());

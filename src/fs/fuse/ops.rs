@@ -16,7 +16,7 @@ use fuser::{
 use super::error::FsError;
 use super::whiteout::Target;
 use super::{Inode, LayerFs, attr};
-use crate::estargz::reader::{NodeId, NodeKind};
+use crate::estargz::reader::{Node, NodeId, NodeKind};
 
 pub(super) const GEN: Generation = Generation(0);
 /// `statfs` block size.
@@ -189,8 +189,50 @@ impl Filesystem for LayerFs {
                 reply.error(FsError::IsDir.errno())
             }
             Ok(_) if writes => reply.error(FsError::ReadOnly.errno()),
+            Ok(Inode::Node(
+                id,
+                Node {
+                    kind:
+                        NodeKind::Reg {
+                            size,
+                            digest: Some(d),
+                            ..
+                        },
+                    ..
+                },
+            )) if *size > 0 && self.passthrough.is_some() => {
+                if let Some(pt) = &self.passthrough {
+                    pt.open(
+                        id,
+                        *d,
+                        *size,
+                        self.open_flags(false),
+                        &self.content,
+                        &self.rt,
+                        reply,
+                    );
+                }
+            }
             Ok(_) => reply.opened(FileHandle(0), self.open_flags(false)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh == super::passthrough::FH_CACHED
+            && let (Some(pt), Ok(Inode::Node(id, _))) = (&self.passthrough, self.resolve(ino))
+        {
+            pt.released(id);
+        }
+        reply.ok();
     }
 
     fn read(

@@ -429,6 +429,10 @@ impl<F: RangeFetcher + 'static> ContentSource for Layer<F> {
         // The future keeps the layer open until the read ends.
         Box::pin(async move { read(&self.inner, node, offset, size).await })
     }
+
+    fn complete(&self) -> bool {
+        self.background_done()
+    }
 }
 
 async fn read<F: RangeFetcher + 'static>(
