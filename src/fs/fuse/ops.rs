@@ -200,7 +200,7 @@ impl Filesystem for LayerFs {
                         },
                     ..
                 },
-            )) if *size > 0 && self.passthrough.is_some() => {
+            )) if *size >= super::passthrough::MIN_SIZE && self.passthrough.is_some() => {
                 if let Some(pt) = &self.passthrough {
                     pt.open(
                         id,

@@ -23,6 +23,13 @@ use crate::estargz::reader::NodeId;
 use crate::fs::cache::CompleteFiles;
 use crate::fs::content::ContentSource;
 
+/// Smallest file served by passthrough. A small file costs one FUSE read,
+/// served from the daemon's caches; passthrough would add a backing file
+/// on disk to read instead (measured in `benches/warm_read.rs`: a tree
+/// walk of the Debian rootfs took 2.2 s with passthrough for every file,
+/// 1 s without).
+pub(super) const MIN_SIZE: u64 = 1 << 20;
+
 /// File handle of an open served through FUSE (counted).
 pub(super) const FH_CACHED: FileHandle = FileHandle(1);
 /// File handle of an open served by passthrough.
@@ -89,11 +96,11 @@ impl Passthrough {
                     return reply.opened_passthrough(FH_PASSTHROUGH, direct, &b);
                 }
                 Err(e) => {
-                    // EPERM: passthrough not negotiated or no CAP_SYS_ADMIN.
-                    if e.raw_os_error() == Some(libc::EPERM) {
-                        self.usable.store(false, Ordering::Relaxed);
-                    }
-                    tracing::warn!(path = %path.display(), error = %e, "FUSE passthrough refused; serving through FUSE");
+                    // EPERM: not negotiated or no CAP_SYS_ADMIN; ELOOP: the
+                    // backing file sits on a stacked fs. Either way it will
+                    // not work for this layer: say so once and stop trying.
+                    self.usable.store(false, Ordering::Relaxed);
+                    tracing::warn!(path = %path.display(), error = %e, "FUSE passthrough refused; this layer is served through FUSE");
                 }
             }
         }
