@@ -148,6 +148,8 @@ fn main() {
     eprintln!("built and pushed {n} layers in {:?}", t.elapsed());
 
     let work = common::workdir();
+    // Declared after `work`, dropped before it: a panic leaves no mounts.
+    let _unmount = remote::Unmounter(work.path().to_path_buf());
     let bin = std::env::var_os("RSTARGZ_BENCH_DAEMON").map(PathBuf::from);
     let bin = bin.unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_rstargz-grpc")));
     let mut daemon = common::Daemon::start_binary(work.path(), &[], &bin);

@@ -82,3 +82,13 @@ pub async fn remove_all(c: &mut SnapshotsClient<Channel>, n: usize) {
         .unwrap_or_else(|s| panic!("remove chain-{i}: {s}"));
     }
 }
+
+/// Unmounts whatever is left under a directory when dropped (a run that
+/// panicked with layers mounted), before the directory is removed.
+pub struct Unmounter(pub std::path::PathBuf);
+
+impl Drop for Unmounter {
+    fn drop(&mut self) {
+        crate::support::proc::unmount_all_under(&self.0);
+    }
+}

@@ -236,6 +236,8 @@ fn main() {
     eprintln!("layers built and pushed in {:?}", t.elapsed());
 
     let work = common::workdir();
+    // Declared after `work`, dropped before it: a panic leaves no mounts.
+    let _unmount = remote::Unmounter(work.path().to_path_buf());
     let mut daemon = common::Daemon::start(work.path());
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
