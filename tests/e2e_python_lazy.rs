@@ -29,7 +29,7 @@ fn python_print_fetches_under_30_percent_of_the_image() {
         .as_array()
         .expect("layers")
         .iter()
-        .map(|l| l["size"].as_u64().expect("layer size"))
+        .map(|l| l["size_out"].as_u64().expect("layer size"))
         .sum();
 
     // Background fetch off: only what the pull and the run need.

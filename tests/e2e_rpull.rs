@@ -123,6 +123,8 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
             .expect("mountinfo")
             .lines()
             .filter(|l| l.contains(" - fuse.rstargz "))
+            // Layers are bind mounts of `<root>/fuse/<slot>`; skip that mount itself.
+            .filter(|l| l.split(' ').nth(3) != Some("/"))
             .filter(|l| l.contains(&*daemon.address.parent().unwrap().to_string_lossy()))
             .map(str::to_string)
             .collect();
@@ -219,6 +221,13 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
     // kill -9 the daemon with both layers mounted, start it again: the
     // remote snapshots are remounted from the metadata before it serves.
     let served_before_restart = registry.blob_bytes_served();
+    let blob_heads = |r: &Registry| {
+        r.access_log()
+            .iter()
+            .filter(|e| e.method == "HEAD" && e.path.contains("/blobs/"))
+            .count()
+    };
+    let heads_before_restart = blob_heads(&registry);
     daemon.restart(true);
     let reconnect = ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
     eprintln!("containerd reached the restarted daemon after {reconnect:?}");
@@ -240,6 +249,16 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         daemon.log_tail()
     );
     assert_eq!(fuse_mounts(&daemon).len(), conv.layers.len());
+    // Footer and TOC came from `<root>/toc-cache`, not the registry: no
+    // blob size request (HEAD) either.
+    for l in status["layers"].as_array().unwrap() {
+        assert_eq!(l["tail_source"], "disk", "{l:#}");
+    }
+    assert_eq!(
+        blob_heads(&registry),
+        heads_before_restart,
+        "the remount asked the registry for blob sizes"
+    );
     // A new container from the already pulled image sees the right files,
     // from the disk cache the first daemon filled: the registry serves the
     // remount's tail reads (footer, TOC) and nothing for the files read.
@@ -457,6 +476,8 @@ fn fuse_mounts(daemon: &Daemon) -> Vec<String> {
         .expect("mountinfo")
         .lines()
         .filter(|l| l.contains(" - fuse.rstargz "))
+        // Layers are bind mounts of `<root>/fuse/<slot>`; skip that mount itself.
+        .filter(|l| l.split(' ').nth(3) != Some("/"))
         .filter(|l| l.contains(&*dir.to_string_lossy()))
         .map(str::to_string)
         .collect()

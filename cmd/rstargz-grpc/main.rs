@@ -160,7 +160,7 @@ fn main() -> ExitCode {
             config.fs.clone(),
             config.registry.clone(),
             config.layer.clone(),
-            &config.root.join("cache"),
+            &config.root,
             rt.handle().clone(),
         );
         match fs {

@@ -82,8 +82,16 @@ fn table(v: &Value) -> String {
     let u = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
     let _ = writeln!(
         out,
-        "{:<19}  {:<8}  {:<8}  {:>21}  {:>17}  {:>8}  {:>9}  MOUNTPOINT",
-        "LAYER", "VERIFIED", "PREFETCH", "FETCHED/TOTAL", "CHUNKS MEM/DSK/NET", "FETCHES", "AVG ms"
+        "{:<19}  {:>5}  {:<8}  {:<8}  {:<8}  {:>21}  {:>17}  {:>8}  {:>9}  MOUNTPOINT",
+        "LAYER",
+        "SLOT",
+        "TOC FROM",
+        "VERIFIED",
+        "PREFETCH",
+        "FETCHED/TOTAL",
+        "CHUNKS MEM/DSK/NET",
+        "FETCHES",
+        "AVG ms"
     );
     let layers = v.get("layers").and_then(Value::as_array);
     for l in layers.into_iter().flatten() {
@@ -101,7 +109,9 @@ fn table(v: &Value) -> String {
         };
         let _ = writeln!(
             out,
-            "{short:<19}  {:<8}  {:<8}  {:>21}  {:>17}  {fetches:>8}  {avg:>9}  {}",
+            "{short:<19}  {:>5}  {:<8}  {:<8}  {:<8}  {:>21}  {:>17}  {fetches:>8}  {avg:>9}  {}",
+            u(l, "slot"),
+            l["tail_source"].as_str().unwrap_or("?"),
             l["verified"].as_bool().unwrap_or(false),
             l["prefetch"].as_str().unwrap_or("?"),
             format!("{}/{}", u(s, "bytes_fetched"), u(s, "blob_size")),

@@ -21,6 +21,19 @@ pub trait ContentSource: Send + Sync + 'static {
     /// result means end of file. Only bytes that passed verification are
     /// returned.
     fn read(self: Arc<Self>, node: NodeId, offset: u64, size: u32) -> ReadFuture;
+
+    /// The read answered at once from memory, or `None` when that would
+    /// need to wait (then [`ContentSource::read`] is used). Called on FUSE
+    /// threads: it must never block.
+    fn read_now(&self, _node: NodeId, _offset: u64, _size: u32) -> Option<Bytes> {
+        None
+    }
+
+    /// Whether every chunk has been fetched (and cached) already, so that
+    /// writing whole files out for passthrough costs no network.
+    fn complete(&self) -> bool {
+        false
+    }
 }
 
 /// Why a read failed. Every variant answers `EIO` except where noted, but

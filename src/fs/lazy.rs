@@ -3,8 +3,9 @@
 //!
 //! `mount` reads the labels containerd passes on `Prepare` (image reference,
 //! layer digest, TOC digest), opens the layer (blob size plus one tail read
-//! for footer and TOC, TOC digest checked), and mounts it read-only with
-//! FUSE. Any failure is returned as a reason, and the snapshotter falls back
+//! for footer and TOC, TOC digest checked), and serves it read-only in a
+//! slot of the daemon's single FUSE mount ([`MuxMount`], at `<root>/fuse`),
+//! bind-mounted on the snapshot's directory. Any failure is returned as a reason, and the snapshotter falls back
 //! to an ordinary pull of that layer. `check` waits for the layer's prefetch
 //! (bounded) so that a container created right after the pull finds its
 //! prioritized files cached.
@@ -17,15 +18,17 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::fs::cache::Caches;
+use crate::fs::cache::{Caches, CompleteFiles};
 use crate::fs::content::ContentSource;
-use crate::fs::fuse::{self, LayerFs, LayerFsOptions, MountHandle, MountOptions};
+use crate::fs::fuse::{self, LayerFs, LayerFsOptions, MountOptions, MuxMount};
 use crate::fs::layer::{
     DynFetcher, Layer, LayerConfig, LayerContext, PrefetchState, StatsSnapshot, TocCheck, Trust,
     open_layer,
 };
 use crate::fs::prewarm::{self, Prewarm, WarmFetcher};
 use crate::fs::registry::{Reference, RegistryClient, RegistryConfig};
+use crate::fs::slots::SlotTable;
+use crate::fs::tail_cache::{self, TailCache};
 use crate::snapshotter::{RemoteError, RemoteFs};
 
 /// Image reference: CRI's label first, then stargz-snapshotter's.
@@ -48,11 +51,16 @@ pub struct FsConfig {
     /// Mount legacy stargz layers that carry the `stargz.skipverify` label
     /// without a TOC digest.
     pub allow_no_verification: bool,
-    /// FUSE worker threads per mounted layer. Reads are answered from the
-    /// runtime, so one is enough for metadata operations.
+    /// FUSE worker threads of the daemon's single mount, shared by every
+    /// layer. Reads are answered from the runtime; workers only answer
+    /// metadata from memory and start reads.
     pub fuse_threads: usize,
     /// Largest number of reads in flight per layer.
     pub max_inflight_reads: usize,
+    /// Bytes of whole files written out (`<root>/complete-files`) once a
+    /// layer is fully fetched, served by FUSE passthrough at local-file
+    /// speed. 0 turns passthrough off.
+    pub passthrough_bytes: u64,
 }
 
 impl Default for FsConfig {
@@ -60,8 +68,9 @@ impl Default for FsConfig {
         FsConfig {
             enabled: true,
             allow_no_verification: false,
-            fuse_threads: 1,
+            fuse_threads: 4,
             max_inflight_reads: 64,
+            passthrough_bytes: 2 << 30,
         }
     }
 }
@@ -70,6 +79,11 @@ impl Default for FsConfig {
 #[derive(Debug, Clone, Serialize)]
 pub struct LayerStatus {
     pub mountpoint: PathBuf,
+    /// The layer's directory in the daemon's FUSE mount (`<root>/fuse/<slot>`).
+    pub slot: u32,
+    /// Where footer and TOC came from at open: `registry`, `prewarm`, or
+    /// `disk` (stored by an earlier open, e.g. before a restart).
+    pub tail_source: &'static str,
     pub reference: String,
     pub digest: String,
     pub verified: bool,
@@ -92,9 +106,33 @@ pub struct Fallback {
     pub reason: String,
 }
 
+/// Where a layer's footer and TOC came from when it was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailSource {
+    /// Fetched ahead while a layer below was mounted.
+    Prewarm,
+    /// Stored by an earlier open (`<root>/toc-cache`); no registry request.
+    Disk,
+    Registry,
+}
+
+impl TailSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TailSource::Prewarm => "prewarm",
+            TailSource::Disk => "disk",
+            TailSource::Registry => "registry",
+        }
+    }
+}
+
+/// Bytes of TOC tails kept on disk (`<root>/toc-cache`).
+const TAIL_CACHE_BYTES: u64 = 256 << 20;
+
 struct Mounted {
     layer: Arc<Layer<DynFetcher>>,
-    handle: Option<MountHandle>,
+    slot: u32,
+    tail: TailSource,
     reference: String,
     digest: String,
 }
@@ -106,6 +144,12 @@ pub struct LazyFs {
     base: LayerContext,
     rt: tokio::runtime::Handle,
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
+    /// The single FUSE mount, made on first use.
+    mux: Mutex<Option<Arc<MuxMount>>>,
+    mux_dir: PathBuf,
+    slots: Arc<Mutex<SlotTable>>,
+    tails: TailCache,
+    complete: Option<Arc<CompleteFiles>>,
     fallbacks: Mutex<VecDeque<Fallback>>,
     fallbacks_total: AtomicU64,
     prewarm: Prewarm,
@@ -113,21 +157,40 @@ pub struct LazyFs {
 
 impl LazyFs {
     /// Builds the registry client and the shared caches (scanning the disk
-    /// cache directory; blocking). `cache_dir` is used when the layer
-    /// config names none.
+    /// cache directory; blocking). `root` is the daemon's state directory:
+    /// `<root>/cache` is the disk cache when the layer config names none,
+    /// `<root>/fuse` the FUSE mount, `<root>/fuse-slots.json` the slots.
     pub fn new(
         config: FsConfig,
         registry: RegistryConfig,
         mut layer: LayerConfig,
-        cache_dir: &Path,
+        root: &Path,
         rt: tokio::runtime::Handle,
     ) -> anyhow::Result<Self> {
         if layer.disk_cache_dir.is_none() && layer.disk_cache_bytes > 0 {
-            layer.disk_cache_dir = Some(cache_dir.to_path_buf());
+            layer.disk_cache_dir = Some(root.join("cache"));
         }
+        std::fs::create_dir_all(root)
+            .map_err(|e| anyhow::anyhow!("creating {}: {e}", root.display()))?;
+        let slot_file = root.join("fuse-slots.json");
+        let slots = SlotTable::load(&slot_file).unwrap_or_else(|e| {
+            // Slots only matter to a future FUSE hand-over; start afresh.
+            tracing::warn!(error = %e, "ignoring the slot file");
+            let _ = std::fs::remove_file(&slot_file);
+            SlotTable::load(&slot_file).expect("missing slot file loads empty")
+        });
         layer
             .validate()
             .map_err(|e| anyhow::anyhow!("[layer]: {e}"))?;
+        let complete = match config.passthrough_bytes {
+            0 => None,
+            n => {
+                let dir = root.join("complete-files");
+                let f = CompleteFiles::open(&dir, n)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?;
+                Some(Arc::new(f))
+            }
+        };
         let client = RegistryClient::new(registry)?;
         let caches = Caches::from_config(&layer)?;
         Ok(LazyFs {
@@ -136,6 +199,11 @@ impl LazyFs {
             base: LayerContext::new(layer, caches),
             rt,
             mounts: Mutex::new(HashMap::new()),
+            mux: Mutex::new(None),
+            mux_dir: root.join("fuse"),
+            slots: Arc::new(Mutex::new(slots)),
+            tails: TailCache::new(tail_cache::default_dir(root), TAIL_CACHE_BYTES),
+            complete,
             fallbacks: Mutex::new(VecDeque::with_capacity(FALLBACK_HISTORY)),
             fallbacks_total: AtomicU64::new(0),
             prewarm: Prewarm::default(),
@@ -149,6 +217,8 @@ impl LazyFs {
             .iter()
             .map(|(path, m)| LayerStatus {
                 mountpoint: path.clone(),
+                slot: m.slot,
+                tail_source: m.tail.as_str(),
                 reference: m.reference.clone(),
                 digest: m.digest.clone(),
                 verified: matches!(m.layer.trust(), Trust::Verified { .. }),
@@ -214,7 +284,7 @@ impl LazyFs {
     async fn open(
         &self,
         labels: &HashMap<String, String>,
-    ) -> Result<(Layer<DynFetcher>, String, String, bool), String> {
+    ) -> Result<(Layer<DynFetcher>, String, String, TailSource), String> {
         let reference = first_label(labels, &IMAGE_REF_LABELS)
             .ok_or("no image reference label (cri.image-ref or stargz.reference)")?;
         let digest = first_label(labels, &LAYER_DIGEST_LABELS)
@@ -228,26 +298,64 @@ impl LazyFs {
         });
         self.prewarm
             .start(&self.client, &parsed, neighbours, &self.base.reader);
-        let warm = self.prewarm.take(digest).await;
-        let blob = match &warm {
-            Some(w) => self.client.blob_with_size(&parsed, digest, w.size),
-            None => self.client.blob(&parsed, digest),
-        }
-        .map_err(|e| format!("layer {digest}: {e}"))?;
-        let fetcher = match &warm {
-            Some(w) => DynFetcher(Arc::new(WarmFetcher::new(DynFetcher(Arc::new(blob)), w))),
-            None => DynFetcher(Arc::new(blob)),
+        let toc = match &check {
+            TocCheck::Digest(d) => Some(d.to_string()),
+            TocCheck::Skip { .. } => None,
         };
-        let ctx = self.base.clone().with_labels(labels);
-        let layer = open_layer(fetcher, check, ctx)
-            .await
-            .map_err(|e| format!("opening layer {digest} of {reference}: {e}"))?;
-        Ok((
-            layer,
-            reference.to_string(),
-            digest.to_string(),
-            warm.is_some(),
-        ))
+        let mut warm = self.prewarm.take(digest).await;
+        let mut source = TailSource::Prewarm;
+        if warm.is_none()
+            && let Some(toc) = &toc
+        {
+            let (tails, d, t) = (self.tails.clone(), digest.to_string(), toc.clone());
+            warm = tokio::task::spawn_blocking(move || tails.load(&d, &t))
+                .await
+                .ok()
+                .flatten()
+                .map(Arc::new);
+            source = TailSource::Disk;
+        }
+        loop {
+            let w = match warm.take() {
+                Some(w) => w,
+                None => {
+                    source = TailSource::Registry;
+                    let w = prewarm::fetch_warm(&self.client, &parsed, digest, &self.base.reader)
+                        .await
+                        .map_err(|e| format!("layer {digest}: {e}"))?;
+                    Arc::new(w)
+                }
+            };
+            let blob = self
+                .client
+                .blob_with_size(&parsed, digest, w.size)
+                .map_err(|e| format!("layer {digest}: {e}"))?;
+            let fetcher = DynFetcher(Arc::new(WarmFetcher::new(DynFetcher(Arc::new(blob)), &w)));
+            let ctx = self.base.clone().with_labels(labels);
+            let opened = open_layer(fetcher, check.clone(), ctx).await;
+            let layer = match opened {
+                Ok(l) => l,
+                Err(e) if source == TailSource::Disk => {
+                    // A stored tail that no longer checks out: drop it and
+                    // read the registry's.
+                    tracing::warn!(digest, error = %e, "cached TOC tail rejected; fetching it again");
+                    let (tails, d) = (self.tails.clone(), digest.to_string());
+                    let _ = tokio::task::spawn_blocking(move || tails.remove(&d)).await;
+                    continue;
+                }
+                Err(e) => return Err(format!("opening layer {digest} of {reference}: {e}")),
+            };
+            if source != TailSource::Disk
+                && let (Some(toc), Trust::Verified { .. }) = (&toc, layer.trust())
+            {
+                let (tails, d, t) = (self.tails.clone(), digest.to_string(), toc.clone());
+                let stored = tokio::task::spawn_blocking(move || tails.store(&d, &t, &w)).await;
+                if let Ok(Err(e)) = stored {
+                    tracing::warn!(digest, error = %e, "storing the TOC tail failed");
+                }
+            }
+            return Ok((layer, reference.to_string(), digest.to_string(), source));
+        }
     }
 
     /// `RemoteFs::mount` without the fallback bookkeeping.
@@ -262,10 +370,10 @@ impl LazyFs {
             ));
         }
         let labels: HashMap<String, String> = labels.clone().into_iter().collect();
-        let (layer, reference, digest, prewarmed) =
+        let (layer, reference, digest, tail) =
             self.open(&labels).await.map_err(RemoteError::new)?;
         let layer = Arc::new(layer);
-        let fs = LayerFs::new(
+        let mut fs = LayerFs::new(
             layer.index_arc(),
             layer.clone() as Arc<dyn ContentSource>,
             self.rt.clone(),
@@ -274,17 +382,26 @@ impl LazyFs {
                 ..LayerFsOptions::default()
             },
         );
-        let opts = MountOptions {
-            fsname: digest.clone(),
-            threads: self.config.fuse_threads,
-            ..MountOptions::default()
-        };
+        if let Some(files) = &self.complete {
+            fs = fs.with_passthrough(files.clone());
+        }
+        // A remount replaces the layer: its old slot is detached first.
+        let old = self.lock().remove(mountpoint);
+        if let Some(old) = old {
+            self.release(old, mountpoint, false).await;
+        }
+        let mux = self.mux().await?;
         let path = mountpoint.to_path_buf();
-        // mount(2) and the FUSE handshake block; a mount left by a crashed
-        // daemon (ENOTCONN) is cleared first.
-        let handle = tokio::task::spawn_blocking(move || {
-            let _ = fuse::unmount(&path);
-            fuse::mount(&path, fs, &opts)
+        let slots = self.slots_handle();
+        // Slot bookkeeping, mount(2) and the bind block: off the runtime.
+        let slot = tokio::task::spawn_blocking(move || -> Result<u32, String> {
+            let mut table = slots.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = table
+                .assign(&path, |s| mux.is_free(s))
+                .map_err(|e| e.to_string())?;
+            drop(table);
+            mux.attach(slot, fs, &path).map_err(|e| e.to_string())?;
+            Ok(slot)
         })
         .await
         .map_err(|e| RemoteError::new(format!("mount task failed: {e}")))?
@@ -294,22 +411,90 @@ impl LazyFs {
             reference = %reference,
             digest = %digest,
             verified = matches!(layer.trust(), Trust::Verified { .. }),
-            prewarmed,
+            prewarmed = tail == TailSource::Prewarm,
+            tail = tail.as_str(),
+            slot,
             "layer mounted lazily"
         );
         let old = self.lock().insert(
             mountpoint.to_path_buf(),
             Mounted {
                 layer,
-                handle: Some(handle),
+                slot,
+                tail,
                 reference,
                 digest,
             },
         );
         if let Some(old) = old {
-            release(old).await;
+            self.release(old, mountpoint, false).await;
         }
         Ok(())
+    }
+
+    fn slots_handle(&self) -> Arc<Mutex<SlotTable>> {
+        self.slots.clone()
+    }
+
+    /// The daemon's FUSE mount, mounted on first use.
+    async fn mux(&self) -> Result<Arc<MuxMount>, RemoteError> {
+        if let Some(m) = self.mux.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(m);
+        }
+        let dir = self.mux_dir.clone();
+        let opts = MountOptions {
+            fsname: "rstargz".into(),
+            threads: self.config.fuse_threads,
+            ..MountOptions::default()
+        };
+        let inflight = self.config.max_inflight_reads;
+        let made = tokio::task::spawn_blocking(move || MuxMount::mount(&dir, &opts, inflight))
+            .await
+            .map_err(|e| RemoteError::new(format!("mount task failed: {e}")))?
+            .map_err(|e| {
+                RemoteError::new(format!("FUSE mount at {}: {e}", self.mux_dir.display()))
+            })?;
+        let mut slot = self.mux.lock().unwrap_or_else(|e| e.into_inner());
+        // Two first mounts raced: keep the one stored first (the other
+        // unmounts when dropped, off the lock).
+        let m = slot.get_or_insert_with(|| Arc::new(made)).clone();
+        Ok(m)
+    }
+
+    /// Layers attached and detached-but-referenced in the FUSE mount.
+    pub fn fuse_slots(&self) -> (usize, usize) {
+        match &*self.mux.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(m) => m.slots_in_use(),
+            None => (0, 0),
+        }
+    }
+
+    /// Unbinds a layer (blocking, off the runtime) and stops its background
+    /// work. `forget_slot`: the snapshot is gone, so is its slot record.
+    async fn release(&self, m: Mounted, mountpoint: &Path, forget_slot: bool) {
+        m.layer.close();
+        let mux = self.mux.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let path = mountpoint.to_path_buf();
+        let slots = self.slots_handle();
+        let slot = m.slot;
+        let r = tokio::task::spawn_blocking(move || {
+            if let Some(mux) = mux {
+                mux.detach(slot);
+            }
+            if forget_slot {
+                let mut t = slots.lock().unwrap_or_else(|e| e.into_inner());
+                if t.get(&path) == Some(slot) {
+                    t.release(&path)?;
+                }
+            }
+            Ok::<_, crate::fs::slots::SlotError>(())
+        })
+        .await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, digest = %m.digest, "slot release failed"),
+            Err(e) => tracing::warn!(error = %e, digest = %m.digest, "unmount task failed"),
+        }
     }
 }
 
@@ -359,23 +544,21 @@ impl RemoteFs for LazyFs {
     async fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError> {
         let removed = self.lock().remove(mountpoint);
         match removed {
-            Some(m) => release(m).await,
+            Some(m) => {
+                // The snapshot is gone: so is the reason to keep its tail,
+                // unless another snapshot mounts the same blob.
+                let shared = self.lock().values().any(|o| o.digest == m.digest);
+                if !shared {
+                    let (tails, d) = (self.tails.clone(), m.digest.clone());
+                    let _ = tokio::task::spawn_blocking(move || tails.remove(&d)).await;
+                }
+                self.release(m, mountpoint, true).await
+            }
             None => {
                 let path = mountpoint.to_path_buf();
                 let _ = tokio::task::spawn_blocking(move || fuse::unmount(&path)).await;
             }
         }
         Ok(())
-    }
-}
-
-/// Unmounts (blocking, off the runtime) and stops the layer's background work.
-async fn release(mut m: Mounted) {
-    m.layer.close();
-    if let Some(h) = m.handle.take() {
-        let r = tokio::task::spawn_blocking(move || h.unmount()).await;
-        if let Ok(Err(e)) = r {
-            tracing::warn!(error = %e, digest = %m.digest, "unmount failed");
-        }
     }
 }

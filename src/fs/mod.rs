@@ -4,7 +4,11 @@
 //! - [`prewarm`]: blob size and tail of the layers above, fetched ahead.
 //! - [`status`]: the daemon's `/status` and `/metrics` HTTP endpoint.
 //! - [`lazy`]: [`lazy::LazyFs`], the snapshotter's `RemoteFs`: labels → layer → FUSE mount.
-//! - [`fuse`]: the read-only FUSE filesystem of one layer (fuser).
+//! - [`fuse`]: the read-only FUSE filesystem of a layer (fuser), and the
+//!   daemon's single mount multiplexing all layers.
+//! - [`slots`]: durable slot number of each mounted layer.
+//! - [`tail_cache`]: footer and TOC of each layer on disk, so a restart
+//!   does not fetch them again.
 //! - [`content`]: the [`ContentSource`] seam the FUSE filesystem reads from.
 //! - [`layer`]: one opened blob: TOC check, single-flight verified chunk
 //!   fetches, prefetch, background fetch, read-ahead, stats
@@ -19,6 +23,8 @@ pub mod layer;
 pub mod lazy;
 pub mod prewarm;
 pub mod registry;
+pub mod slots;
 pub mod status;
+pub mod tail_cache;
 
 pub use content::{ContentSource, ReadError, ReadFuture};

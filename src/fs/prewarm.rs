@@ -93,7 +93,7 @@ impl Prewarm {
                     return;
                 };
                 cell.get_or_init(|| async {
-                    match warm(&client, &reference, &digest, &opts).await {
+                    match fetch_warm(&client, &reference, &digest, &opts).await {
                         Ok(w) => {
                             tracing::debug!(digest = %digest, size = w.size, tail = w.tail.len(), "neighbour layer pre-warmed");
                             Some(Arc::new(w))
@@ -128,7 +128,8 @@ impl Prewarm {
     }
 }
 
-async fn warm(
+/// Blob size and tail of one layer: the two requests every open starts with.
+pub async fn fetch_warm(
     client: &RegistryClient,
     reference: &Reference,
     digest: &str,

@@ -406,7 +406,7 @@ mod tests {
             Default::default(),
             Default::default(),
             Default::default(),
-            &dir.join("cache"),
+            dir,
             tokio::runtime::Handle::current(),
         )
         .unwrap();

@@ -24,6 +24,12 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra environment variables.
     pub fn start_with_env(dir: &Path, env: &[(&str, &Path)]) -> Daemon {
+        Daemon::start_binary(dir, env, Path::new(env!("CARGO_BIN_EXE_rstargz-grpc")))
+    }
+
+    /// Like [`Daemon::start_with_env`] with another build of the daemon
+    /// (benchmarks comparing against an older binary).
+    pub fn start_binary(dir: &Path, env: &[(&str, &Path)], bin: &Path) -> Daemon {
         let root = dir.join("root");
         let socket = dir.join("run/s.sock");
         let log = dir.join("daemon.log");
@@ -32,7 +38,7 @@ impl Daemon {
             .append(true)
             .open(&log)
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_rstargz-grpc"))
+        let child = Command::new(bin)
             .arg("--address")
             .arg(&socket)
             .arg("--root")

@@ -72,6 +72,11 @@ impl ContentSource for MemSource {
             r
         })
     }
+
+    /// The whole blob is in memory.
+    fn complete(&self) -> bool {
+        true
+    }
 }
 
 pub fn index_of(blob: &[u8]) -> Arc<Index> {

@@ -141,9 +141,14 @@ impl Daemon {
         serde_json::from_str(&o.stdout).expect("status JSON")
     }
 
-    /// Mount points below the daemon's temp dir (root and sockets).
+    /// Mount points below the daemon's temp dir (root and sockets), but
+    /// the daemon's own FUSE mount `<root>/fuse` that serves every layer.
     pub fn mounts(&self) -> Vec<PathBuf> {
+        let own = self.root.join("fuse");
         proc::mounts_under(self.dir.path())
+            .into_iter()
+            .filter(|p| *p != own)
+            .collect()
     }
 
     /// The daemon's whole log so far.

@@ -173,6 +173,51 @@ impl Registry {
         reference
     }
 
+    /// Pushes one blob to repository `name` (monolithic upload: POST a
+    /// session, PUT the bytes); returns its `sha256:` digest.
+    pub fn push_blob(&self, name: &str, blob: &[u8]) -> String {
+        use sha2::Digest;
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(blob)));
+        let tmp = temp_dir("push-blob");
+        let file = tmp.path().join("blob");
+        std::fs::write(&file, blob).expect("write blob");
+        let headers = run_ok(
+            Command::new("curl")
+                .args(["-sS", "-o", "/dev/null", "-D", "-", "-X", "POST"])
+                .arg(format!("http://{}/v2/{name}/blobs/uploads/", self.host)),
+            Duration::from_secs(30),
+        )
+        .unwrap_or_else(|e| panic!("blob upload session: {e}"))
+        .stdout;
+        let location = headers
+            .lines()
+            .find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.eq_ignore_ascii_case("location")
+                    .then(|| v.trim().to_string())
+            })
+            .unwrap_or_else(|| panic!("no Location in {headers}"));
+        let url = if location.starts_with('/') {
+            format!("http://{}{location}", self.host)
+        } else {
+            location
+        };
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let code = run_ok(
+            Command::new("curl")
+                .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
+                .args(["-H", "Content-Type: application/octet-stream"])
+                .arg("--data-binary")
+                .arg(format!("@{}", file.display()))
+                .arg(format!("{url}{sep}digest={digest}")),
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|e| panic!("blob upload: {e}"))
+        .stdout;
+        assert_eq!(code.trim(), "201", "blob upload of {digest}");
+        digest
+    }
+
     /// GET `/v2/<name>/manifests/<reference>` with OCI and Docker accept
     /// headers; returns the body and the `Docker-Content-Digest`.
     pub fn manifest(&self, name: &str, reference: &str) -> (Vec<u8>, String) {

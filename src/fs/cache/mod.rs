@@ -3,17 +3,21 @@
 //! - [`memory`]: [`MemoryCache`], byte-bounded, in memory (quick_cache).
 //! - [`disk`]: [`DiskCache`], byte-bounded with LRU eviction, survives
 //!   restarts, verified on read.
+//! - [`files`]: [`CompleteFiles`], whole files written out from verified
+//!   chunks, backing FUSE passthrough.
 //!
 //! Both hold only verified, uncompressed chunks keyed by `chunkDigest`, so
 //! identical chunks of different layers and images are stored once.
 //! [`Caches`] bundles them for [`crate::fs::layer`].
 
 pub mod disk;
+pub mod files;
 pub mod memory;
 
 use std::sync::Arc;
 
 pub use disk::{DiskCache, DiskCacheStats};
+pub use files::CompleteFiles;
 pub use memory::MemoryCache;
 
 /// The caches a layer reads through. Cheap to clone.

@@ -6,25 +6,32 @@
 //! - `whiteout`: OCI whiteouts as overlayfs whiteouts and opaque dirs.
 //! - `attr`: TOC metadata to `stat` attributes.
 //! - [`mount`](mount()): mounting, [`MountHandle`], stale-mount cleanup.
+//! - [`mux`]: [`MuxMount`], the daemon's single FUSE mount serving every
+//!   layer in its own slot directory.
 //!
 //! Inode numbers are `NodeId + 1` (FUSE's root is 1); whiteouts, which have
-//! no node of their own, are numbered after the last node. See
-//! ARCHITECTURE.md for the thread model.
+//! no node of their own, are numbered after the last node. In the
+//! multiplexed mount a layer's numbers are offset by its slot in the high
+//! 32 bits ([`slot_base`]). See ARCHITECTURE.md for the thread model.
 
 mod attr;
 mod error;
 mod mount;
+mod mux;
 mod ops;
+mod passthrough;
 mod read;
 mod whiteout;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use fuser::{FileAttr, INodeNo};
 use tokio::sync::Semaphore;
 
 pub use mount::{MountHandle, MountOptions, Unmounted, mount, unmount};
+pub use mux::{MuxMount, SLOT_BITS, slot_base};
 pub use read::ReadStats;
 
 use crate::estargz::reader::{Index, Node, NodeId, NodeKind};
@@ -91,6 +98,14 @@ pub struct LayerFs {
     opts: LayerFsOptions,
     /// Sum of regular file sizes, for `statfs`.
     total_bytes: u64,
+    /// Added to every inode number: 0 when mounted alone, the slot's base
+    /// in the multiplexed mount.
+    ino_base: u64,
+    /// Entries handed to the kernel (lookup, readdirplus) minus those it
+    /// forgot: while non-zero the kernel may still ask about our inodes.
+    lookups: AtomicU64,
+    /// Passthrough of complete files, when enabled.
+    passthrough: Option<passthrough::Passthrough>,
 }
 
 /// What an inode number refers to.
@@ -124,6 +139,52 @@ impl LayerFs {
             whiteouts,
             opts,
             total_bytes,
+            ino_base: 0,
+            lookups: AtomicU64::new(0),
+            passthrough: None,
+        }
+    }
+
+    /// Serves files from `files` by FUSE passthrough once written out there.
+    pub fn with_passthrough(mut self, files: Arc<crate::fs::cache::CompleteFiles>) -> LayerFs {
+        self.passthrough = Some(passthrough::Passthrough::new(files));
+        self
+    }
+
+    /// Numbers this layer's inodes from `base` (see [`slot_base`]).
+    pub fn with_ino_base(mut self, base: u64) -> LayerFs {
+        self.ino_base = base;
+        self
+    }
+
+    /// The root directory's inode number.
+    pub fn root_ino(&self) -> INodeNo {
+        INodeNo(self.ino_base + 1)
+    }
+
+    /// Kernel references to our inodes not yet forgotten.
+    pub fn lookups(&self) -> u64 {
+        self.lookups.load(Ordering::Acquire)
+    }
+
+    /// Counts one kernel reference; called before the reply is sent so a
+    /// `FORGET` can never be seen first.
+    fn looked_up(&self) {
+        self.lookups.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Drops `n` kernel references; returns how many remain.
+    pub(crate) fn forgot(&self, n: u64) -> u64 {
+        let mut cur = self.lookups.load(Ordering::Acquire);
+        loop {
+            let next = cur.saturating_sub(n);
+            match self
+                .lookups
+                .compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return next,
+                Err(c) => cur = c,
+            }
         }
     }
 
@@ -142,14 +203,19 @@ impl LayerFs {
     }
 
     fn ino_of(&self, t: Target) -> INodeNo {
-        match t {
-            Target::Node(id) => INodeNo(u64::from(id.0) + 1),
-            Target::Whiteout(k) => INodeNo(self.index.len() as u64 + 1 + u64::from(k)),
-        }
+        let local = match t {
+            Target::Node(id) => u64::from(id.0) + 1,
+            Target::Whiteout(k) => self.index.len() as u64 + 1 + u64::from(k),
+        };
+        INodeNo(self.ino_base + local)
     }
 
     fn resolve(&self, ino: INodeNo) -> Result<Inode<'_>, FsError> {
-        let n = ino.0.checked_sub(1).ok_or(FsError::NotFound)?;
+        let local = ino.0.checked_sub(self.ino_base).ok_or(FsError::NotFound)?;
+        if self.ino_base != 0 && local >> SLOT_BITS != 0 {
+            return Err(FsError::NotFound);
+        }
+        let n = local.checked_sub(1).ok_or(FsError::NotFound)?;
         let nodes = self.index.len() as u64;
         if n < nodes {
             let id = NodeId(n as u32);

@@ -13,7 +13,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fuser::{Config, MountOption, Session, SessionACL, SessionUnmounter};
+use fuser::{Config, Filesystem, MountOption, Notifier, Session, SessionACL, SessionUnmounter};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, umount2};
 
@@ -79,6 +79,16 @@ pub fn mount(
     fs: LayerFs,
     opts: &MountOptions,
 ) -> io::Result<MountHandle> {
+    start(mountpoint, fs, opts).map(|(h, _)| h)
+}
+
+/// Mounts any of our filesystems; also returns the session's [`Notifier`]
+/// (cache invalidations).
+pub(super) fn start<F: Filesystem + Send + Sync + 'static>(
+    mountpoint: impl AsRef<Path>,
+    fs: F,
+    opts: &MountOptions,
+) -> io::Result<(MountHandle, Notifier)> {
     let mountpoint = mountpoint.as_ref().to_path_buf();
     let mut config = Config::default();
     config.mount_options = vec![
@@ -99,6 +109,7 @@ pub fn mount(
 
     let mut session = Session::new(fs, &mountpoint, &config)?;
     let unmounter = session.unmount_callable();
+    let notifier = session.notifier();
     let ended = Arc::new((Mutex::new(false), Condvar::new()));
     let end = ended.clone();
     let session = std::thread::Builder::new()
@@ -113,13 +124,16 @@ pub fn mount(
         // On error the closure, and with it the session, is dropped: that
         // unmounts.
         ?;
-    tracing::info!(mountpoint = %mountpoint.display(), "layer mounted");
-    Ok(MountHandle {
-        mountpoint,
-        unmounter: Some(unmounter),
-        session: Some(session),
-        ended,
-    })
+    tracing::info!(mountpoint = %mountpoint.display(), "FUSE mounted");
+    Ok((
+        MountHandle {
+            mountpoint,
+            unmounter: Some(unmounter),
+            session: Some(session),
+            ended,
+        },
+        notifier,
+    ))
 }
 
 impl MountHandle {

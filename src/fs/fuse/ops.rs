@@ -16,9 +16,9 @@ use fuser::{
 use super::error::FsError;
 use super::whiteout::Target;
 use super::{Inode, LayerFs, attr};
-use crate::estargz::reader::{NodeId, NodeKind};
+use crate::estargz::reader::{Node, NodeId, NodeKind};
 
-const GEN: Generation = Generation(0);
+pub(super) const GEN: Generation = Generation(0);
 /// `statfs` block size.
 const BSIZE: u32 = 4096;
 const NAME_MAX: u32 = 255;
@@ -31,7 +31,69 @@ const WANTED: [InitFlags; 4] = [
     InitFlags::FUSE_PARALLEL_DIROPS,
 ];
 
+/// Kernel settings shared by the single-layer and the multiplexed mount.
+pub(super) fn negotiate(config: &mut KernelConfig, max_inflight_reads: usize) {
+    // Stacking depth: overlayfs on top adds one, and the kernel allows 2
+    // in all, so ours must stay <= 1 (2 fails "maximum fs stacking depth
+    // exceeded"). 1 rather than 0 so that passthrough reads from
+    // cache files on a plain fs stay possible. The kernel reads the depth
+    // only when passthrough is negotiated.
+    match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+        Ok(()) => {
+            if let Err(max) = config.set_max_stack_depth(1) {
+                tracing::warn!(max, "kernel refused FUSE stacking depth 1");
+            }
+        }
+        Err(_) => tracing::warn!(
+            "kernel lacks FUSE passthrough: overlayfs may refuse to stack on this mount"
+        ),
+    }
+    // Let as many readahead requests reach us as reads may be in flight.
+    let background = u16::try_from(max_inflight_reads.clamp(16, 1024)).unwrap_or(16);
+    if let Err(v) = config.set_max_background(background) {
+        tracing::debug!(v, "kernel refused max_background");
+    }
+    for flag in WANTED {
+        if config.add_capabilities(flag).is_err() {
+            tracing::debug!(?flag, "FUSE capability not offered by the kernel");
+        }
+    }
+}
+
 impl LayerFs {
+    /// Answers a lookup of this layer's root (the multiplexed mount's slot
+    /// directory), counting the reference handed out.
+    pub(super) fn reply_root_entry(&self, reply: ReplyEntry) {
+        match self.attr_of(Target::Node(crate::estargz::reader::Index::ROOT)) {
+            Ok(attr) => {
+                self.looked_up();
+                reply.entry(&self.opts.ttl, &attr, GEN)
+            }
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    /// The root directory's attributes (for `readdirplus` of the slots).
+    pub(super) fn root_attr(&self) -> Option<fuser::FileAttr> {
+        self.attr_of(Target::Node(crate::estargz::reader::Index::ROOT))
+            .ok()
+    }
+
+    pub(super) fn ttl(&self) -> std::time::Duration {
+        self.opts.ttl
+    }
+
+    /// Counts a reference handed out by the multiplexed root's listing.
+    pub(super) fn count_lookup(&self) {
+        self.looked_up();
+    }
+
+    pub(super) fn statfs_values(&self) -> (u64, u64) {
+        let blocks = self.total_bytes.div_ceil(u64::from(BSIZE));
+        let files = (self.index.len() + self.whiteouts.count()) as u64;
+        (blocks, files)
+    }
+
     fn open_flags(&self, dir: bool) -> FopenFlags {
         // Nothing to flush on close of a read-only file: skip the round trip.
         let base = if dir {
@@ -80,39 +142,22 @@ impl LayerFs {
 
 impl Filesystem for LayerFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        // Stacking depth: overlayfs on top adds one, and the kernel allows 2
-        // in all, so ours must stay <= 1 (2 fails "maximum fs stacking depth
-        // exceeded"). 1 rather than 0 so that passthrough reads from
-        // cache files on a plain fs stay possible. The kernel reads the depth
-        // only when passthrough is negotiated.
-        match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
-            Ok(()) => {
-                if let Err(max) = config.set_max_stack_depth(1) {
-                    tracing::warn!(max, "kernel refused FUSE stacking depth 1");
-                }
-            }
-            Err(_) => tracing::warn!(
-                "kernel lacks FUSE passthrough: overlayfs may refuse to stack on this mount"
-            ),
-        }
-        // Let as many readahead requests reach us as reads may be in flight.
-        let background = u16::try_from(self.opts.max_inflight_reads.clamp(16, 1024)).unwrap_or(16);
-        if let Err(v) = config.set_max_background(background) {
-            tracing::debug!(v, "kernel refused max_background");
-        }
-        for flag in WANTED {
-            if config.add_capabilities(flag).is_err() {
-                tracing::debug!(?flag, "FUSE capability not offered by the kernel");
-            }
-        }
+        negotiate(config, self.opts.max_inflight_reads);
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.do_lookup(parent, name) {
-            Ok(attr) => reply.entry(&self.opts.ttl, &attr, GEN),
+            Ok(attr) => {
+                self.looked_up();
+                reply.entry(&self.opts.ttl, &attr, GEN)
+            }
             Err(e) => reply.error(e.errno()),
         }
+    }
+
+    fn forget(&self, _req: &Request, _ino: INodeNo, nlookup: u64) {
+        self.forgot(nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -144,8 +189,50 @@ impl Filesystem for LayerFs {
                 reply.error(FsError::IsDir.errno())
             }
             Ok(_) if writes => reply.error(FsError::ReadOnly.errno()),
+            Ok(Inode::Node(
+                id,
+                Node {
+                    kind:
+                        NodeKind::Reg {
+                            size,
+                            digest: Some(d),
+                            ..
+                        },
+                    ..
+                },
+            )) if *size >= super::passthrough::MIN_SIZE && self.passthrough.is_some() => {
+                if let Some(pt) = &self.passthrough {
+                    pt.open(
+                        id,
+                        *d,
+                        *size,
+                        self.open_flags(false),
+                        &self.content,
+                        &self.rt,
+                        reply,
+                    );
+                }
+            }
             Ok(_) => reply.opened(FileHandle(0), self.open_flags(false)),
         }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh == super::passthrough::FH_CACHED
+            && let (Some(pt), Ok(Inode::Node(id, _))) = (&self.passthrough, self.resolve(ino))
+        {
+            pt.released(id);
+        }
+        reply.ok();
     }
 
     fn read(
@@ -231,7 +318,15 @@ impl Filesystem for LayerFs {
         while let Some((name, t)) = self.dir_entry(dir, node.parent, i) {
             let Ok(attr) = self.attr_of(t) else { break };
             i += 1;
+            // The kernel takes a reference on every entry but `.` and `..`.
+            let counted = i > 2;
+            if counted {
+                self.looked_up();
+            }
             if reply.add(attr.ino, i as u64, name, &self.opts.ttl, &attr, GEN) {
+                if counted {
+                    self.forgot(1);
+                }
                 break;
             }
         }
@@ -239,8 +334,7 @@ impl Filesystem for LayerFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.total_bytes.div_ceil(u64::from(BSIZE));
-        let files = (self.index.len() + self.whiteouts.count()) as u64;
+        let (blocks, files) = self.statfs_values();
         reply.statfs(blocks, 0, 0, files, 0, BSIZE, NAME_MAX, BSIZE);
     }
 

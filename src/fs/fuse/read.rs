@@ -1,5 +1,8 @@
-//! The read path: a FUSE thread never waits for content. It moves the reply
-//! into a task on the layer's runtime and returns to the kernel at once; the
+//! The read path: a FUSE thread never waits for content. A read whose
+//! chunks are all in the memory cache is answered on the spot
+//! (`ContentSource::read_now`, no lock held, no I/O). Otherwise the thread
+//! moves the reply into a task on the layer's runtime and returns to the
+//! kernel at once; the
 //! task waits for a permit (bounding reads in flight per layer), awaits the
 //! [`ContentSource`](crate::fs::ContentSource), and replies from the runtime.
 //! A reply dropped unsent (runtime shut down) answers `EIO`.
@@ -60,6 +63,13 @@ impl LayerFs {
         let want = u32::try_from(left.min(u64::from(size))).unwrap_or(size);
         if want == 0 {
             return reply.data(&[]);
+        }
+        // Chunks already in memory: answered here, no task, no wait.
+        if let Some(bytes) = self.content.read_now(node, offset, want) {
+            let n = bytes.len().min(want as usize);
+            self.stats.reads.fetch_add(1, Ordering::Relaxed);
+            self.stats.bytes.fetch_add(n as u64, Ordering::Relaxed);
+            return reply.data(&bytes[..n]);
         }
         let content = self.content.clone();
         let permits = self.reads.clone();

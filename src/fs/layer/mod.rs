@@ -429,6 +429,54 @@ impl<F: RangeFetcher + 'static> ContentSource for Layer<F> {
         // The future keeps the layer open until the read ends.
         Box::pin(async move { read(&self.inner, node, offset, size).await })
     }
+
+    fn complete(&self) -> bool {
+        self.background_done()
+    }
+
+    fn read_now(&self, node: NodeId, offset: u64, size: u32) -> Option<Bytes> {
+        read_from_memory(&self.inner, node, offset, size)
+    }
+}
+
+/// [`read`] when every chunk it needs is in the memory cache: no await,
+/// no fetch, no flight. `None` as soon as one chunk is missing.
+fn read_from_memory<F: RangeFetcher + 'static>(
+    inner: &Arc<Inner<F>>,
+    node: NodeId,
+    offset: u64,
+    size: u32,
+) -> Option<Bytes> {
+    if inner.cancel.is_cancelled() {
+        return None;
+    }
+    let file_size = match inner.index.node(node).map(|n| (&n.kind, n.size())) {
+        Some((NodeKind::Reg { .. }, s)) => s,
+        _ => return None,
+    };
+    let end = offset.saturating_add(u64::from(size)).min(file_size);
+    if offset >= end {
+        return Some(Bytes::new());
+    }
+    let mut chunks = Vec::new();
+    let mut datas = Vec::new();
+    for c in inner
+        .index
+        .chunks_of(node)
+        .skip_while(|c| c.chunk_end() <= offset)
+        .take_while(|c| c.chunk_offset < end)
+        .map(clamp_span)
+    {
+        datas.push(cached_in_memory(&inner.caches, &c)?);
+        chunks.push(c);
+    }
+    let out = assemble(&chunks, &datas, offset, end);
+    let s = &inner.stats;
+    s.chunks_from_memory
+        .fetch_add(chunks.len() as u64, Ordering::Relaxed);
+    s.bytes_served
+        .fetch_add(out.len() as u64, Ordering::Relaxed);
+    Some(out)
 }
 
 async fn read<F: RangeFetcher + 'static>(
