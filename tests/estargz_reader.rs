@@ -821,9 +821,37 @@ fn write_fuzz_seeds() {
         return;
     };
     let dir = std::path::Path::new(&dir);
-    for sub in ["footer", "toc"] {
+    for sub in ["footer", "toc", "tar"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
     }
+    // Layers for the writer: a small tar with every common entry type, and
+    // its gzip.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    b.append_data(&mut h, "d/", &[][..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_mode(0o644);
+    h.set_size(5000);
+    b.append_data(&mut h, "d/f", &pattern(5000, 3)[..]).unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Symlink);
+    h.set_size(0);
+    b.append_link(&mut h, "d/l", "f").unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Link);
+    h.set_size(0);
+    b.append_link(&mut h, "d/h", "d/f").unwrap();
+    let mut h = tar::Header::new_gnu();
+    h.set_size(0);
+    b.append_data(&mut h, "d/.wh.gone", &[][..]).unwrap();
+    let layer = b.into_inner().unwrap();
+    std::fs::write(dir.join("tar/layer.tar"), &layer).unwrap();
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &layer).unwrap();
+    std::fs::write(dir.join("tar/layer.tar.gz"), gz.finish().unwrap()).unwrap();
     let blobs = [
         sample(),
         build(&[
