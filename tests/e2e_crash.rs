@@ -6,7 +6,10 @@
 //! - `kill -9` during the background fetch: after the restart the layers
 //!   are remounted, the chunks already on disk are reused and every file
 //!   reads right;
-//! - a containerd restart: the lazily pulled image still runs.
+//! - a containerd restart: the lazily pulled image still runs;
+//! - the registry down while the daemon restarts: the layers are remounted
+//!   from the cached footer and TOC, cached files read, uncached ones fail
+//!   with EIO, and read again once the registry is back.
 //!
 //! (`kill -9` while containers read is in `e2e_rpull.rs`.)
 
@@ -287,5 +290,53 @@ fn containerd_restart_keeps_lazily_pulled_images_running() {
     assert!(s.ctrd.image_names().contains(&s.reference));
     cat_big(&s.ctrd, &s.reference, "after-restart", 5);
     assert_consistent(&s);
+    s.daemon.assert_alive();
+}
+
+#[test]
+fn registry_down_while_the_daemon_restarts() {
+    let config = "[layer]\nbackground_fetch = false\nread_ahead_bytes = 0\n\
+                  [registry]\nmax_attempts = 2\nbackoff_base_ms = 10\n";
+    let mut s = stack(config);
+    s.ctrd.rpull_stargz(&s.reference);
+    // A container reads file 0; file 1 is never read before the restart.
+    cat_big(&s.ctrd, &s.reference, "before-outage", 0);
+    let layers = s.daemon.status_json()["layers"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0);
+
+    // Every request to the registry fails from now on.
+    s.proxy.arm(Fault::Status(503), Target::BlobGets, None);
+    s.daemon.restart(true);
+    s.ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
+    let status = s.daemon.status_json();
+    let remounted = status["layers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        remounted.len(),
+        layers,
+        "not every layer was remounted with the registry down: {status:#}"
+    );
+    assert!(
+        remounted.iter().all(|l| l["tail_source"] == "disk"),
+        "footer and TOC must come from the disk cache: {status:#}"
+    );
+    let mount = remounted
+        .iter()
+        .map(|l| Path::new(l["mountpoint"].as_str().unwrap_or("")).to_path_buf())
+        .find(|m| m.join("big/f00").exists())
+        .expect("the big layer's mount");
+    // What was read before comes from the disk cache...
+    let f0 = std::fs::read(mount.join("big/f00")).expect("cached file");
+    assert!(f0 == image::noise(0, FILE_SIZE));
+    // ...what was not fails cleanly, without hanging...
+    let e = std::fs::read(mount.join("big/f01")).expect_err("uncached read with no registry");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(s.proxy.injected() > 0);
+    // ...and works as soon as the registry is back, no restart needed.
+    s.proxy.clear();
+    let f1 = std::fs::read(mount.join("big/f01")).expect("read after the outage");
+    assert!(f1 == image::noise(1, FILE_SIZE));
+    cat_big(&s.ctrd, &s.reference, "after-outage", 2);
     s.daemon.assert_alive();
 }
