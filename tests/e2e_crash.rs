@@ -91,9 +91,16 @@ fn cat_big(ctrd: &Containerd, reference: &str, id: &str, i: usize) {
         "cat",
         &path,
     ]);
+    let want = image::noise(i as u64, FILE_SIZE);
+    let got = &out.stdout_bytes;
+    let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);
     assert!(
-        out.stdout_bytes == image::noise(i as u64, FILE_SIZE),
-        "{path} read wrong in a container"
+        *got == want,
+        "{path} read wrong in a container: {} bytes of {}, first difference at {first_diff:?}; \
+         stderr: {}",
+        got.len(),
+        want.len(),
+        out.stderr
     );
 }
 
