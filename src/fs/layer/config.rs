@@ -44,6 +44,10 @@ pub struct LayerConfig {
     /// Compressed bytes of following chunks (blob order) fetched along with
     /// an on-demand chunk. 0 disables read-ahead.
     pub read_ahead_bytes: u64,
+    /// While misses keep landing just past the previous read-ahead (a walk
+    /// through the layer in blob order), the window doubles up to this;
+    /// any other miss resets it to `read_ahead_bytes`.
+    pub read_ahead_max_bytes: u64,
 }
 
 impl Default for LayerConfig {
@@ -63,6 +67,7 @@ impl Default for LayerConfig {
             background_range_bytes: 4 << 20,
             background_pause_ms: 1000,
             read_ahead_bytes: 512 << 10,
+            read_ahead_max_bytes: 4 << 20,
         }
     }
 }
@@ -84,6 +89,9 @@ impl LayerConfig {
         }
         if self.read_ahead_bytes > 64 << 20 {
             return Err("layer.read_ahead_bytes must be at most 64 MiB".into());
+        }
+        if self.read_ahead_max_bytes > 64 << 20 {
+            return Err("layer.read_ahead_max_bytes must be at most 64 MiB".into());
         }
         Ok(())
     }

@@ -263,20 +263,57 @@ impl<F> Drop for OnDemandGuard<'_, F> {
     }
 }
 
+/// The read-ahead window of a layer: where the last read-ahead ended and
+/// how large the next one may be.
+#[derive(Debug, Default)]
+pub(crate) struct ReadAheadWindow {
+    end: u64,
+    size: u64,
+}
+
+impl ReadAheadWindow {
+    /// The budget for a job whose first missing chunk starts at `start`:
+    /// doubled (up to `max`) when the miss lands within one window past the
+    /// previous read-ahead's end, as in a walk through the layer in blob
+    /// order; `base` otherwise.
+    pub(crate) fn next(&mut self, start: u64, base: u64, max: u64) -> u64 {
+        let sequential =
+            self.size > 0 && start >= self.end && start - self.end <= self.size.max(base);
+        self.size = if sequential {
+            self.size.saturating_mul(2).min(max.max(base))
+        } else {
+            base
+        };
+        self.size
+    }
+
+    pub(crate) fn ended_at(&mut self, end: u64) {
+        self.end = end;
+    }
+}
+
 /// Extends an on-demand job with the chunks that follow its last one in
 /// blob order, while they are adjacent, uncached and not in flight, up to
-/// `read_ahead_bytes` compressed.
+/// the read-ahead window (`read_ahead_bytes`, growing to
+/// `read_ahead_max_bytes` while misses follow each other through the blob).
+/// A walk through many small files then costs a few requests, not one per
+/// file, without fetching much past what a random reader needs.
 fn read_ahead<F>(inner: &Inner<F>, leads: &mut Vec<Lead>) {
-    let mut budget = inner.cfg.read_ahead_bytes;
-    if budget == 0 {
+    let base = inner.cfg.read_ahead_bytes;
+    if base == 0 {
         return;
     }
     let Some(last) = leads.iter().map(|l| key_of(&l.chunk)).max() else {
         return;
     };
+    let Some(first) = leads.iter().map(|l| l.chunk.compressed_offset).min() else {
+        return;
+    };
     let Ok(pos) = inner.order.binary_search_by_key(&last, key_of) else {
         return;
     };
+    let mut window = inner.read_ahead.lock().unwrap_or_else(|p| p.into_inner());
+    let mut budget = window.next(first, base, inner.cfg.read_ahead_max_bytes);
     let mut end = inner.order[pos].compressed_end;
     for c in &inner.order[pos + 1..] {
         if c.compressed_offset > end || budget == 0 {
@@ -296,6 +333,7 @@ fn read_ahead<F>(inner: &Inner<F>, leads: &mut Vec<Lead>) {
         end = end.max(c.compressed_end);
         leads.push(l);
     }
+    window.ended_at(end);
 }
 
 fn is_cached<F>(inner: &Inner<F>, d: &Digest) -> bool {
@@ -545,6 +583,32 @@ mod tests {
             chunk_size: 1,
             chunk_digest: None,
         }
+    }
+
+    #[test]
+    fn read_ahead_window_grows_on_a_walk_and_resets_on_a_jump() {
+        let mut w = ReadAheadWindow::default();
+        let (base, max) = (100, 800);
+        assert_eq!(w.next(0, base, max), 100);
+        w.ended_at(150);
+        // Just past the previous read-ahead: doubles, up to max.
+        assert_eq!(w.next(150, base, max), 200);
+        w.ended_at(400);
+        assert_eq!(w.next(450, base, max), 400);
+        w.ended_at(900);
+        assert_eq!(w.next(900, base, max), 800);
+        w.ended_at(1800);
+        assert_eq!(w.next(1800, base, max), 800);
+        w.ended_at(2600);
+        // Far ahead or behind: back to the base.
+        assert_eq!(w.next(10_000, base, max), 100);
+        w.ended_at(10_100);
+        assert_eq!(w.next(50, base, max), 100);
+        // max below base: never shrinks under base.
+        let mut w = ReadAheadWindow::default();
+        assert_eq!(w.next(0, 100, 10), 100);
+        w.ended_at(100);
+        assert_eq!(w.next(100, 100, 10), 100);
     }
 
     #[test]

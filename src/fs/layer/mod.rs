@@ -218,6 +218,8 @@ pub(crate) struct Inner<F> {
     decode_permits: Arc<Semaphore>,
     on_demand_inflight: AtomicUsize,
     last_on_demand_ms: AtomicU64,
+    /// The adaptive read-ahead window (see `fetch::read_ahead`).
+    read_ahead: std::sync::Mutex<fetch::ReadAheadWindow>,
     started: Instant,
     cancel: CancellationToken,
     prefetch: watch::Sender<PrefetchState>,
@@ -310,6 +312,7 @@ pub async fn open_layer<F: RangeFetcher + 'static>(
         flights: Arc::new(Flights::default()),
         on_demand_inflight: AtomicUsize::new(0),
         last_on_demand_ms: AtomicU64::new(0),
+        read_ahead: std::sync::Mutex::new(fetch::ReadAheadWindow::default()),
         started: Instant::now(),
         cancel: cancel.clone(),
         prefetch,
