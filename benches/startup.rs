@@ -190,8 +190,21 @@ fn parse_opts() -> Result<Opts, String> {
         "--background-fetch",
         "--smoke",
     ];
+    // libtest's own flags (`scripts/test.sh` passes `--test-threads=2` to
+    // every target) are not ours to judge.
+    let libtest = [
+        "--test-threads",
+        "--nocapture",
+        "--quiet",
+        "--color",
+        "--format",
+        "--show-output",
+    ];
     for a in &args {
         if a.starts_with("--")
+            && !libtest
+                .iter()
+                .any(|k| a == k || a.starts_with(&format!("{k}=")))
             && !known
                 .iter()
                 .any(|k| a == k || a.starts_with(&format!("{k}=")))
