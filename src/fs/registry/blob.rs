@@ -304,6 +304,51 @@ impl Blob {
         Ok((loc, s.generation))
     }
 
+    /// The cached location, if one is known.
+    fn known_location(&self) -> Option<(Location, u64)> {
+        let s = self.inner.loc.lock().unwrap_or_else(|p| p.into_inner());
+        s.loc.clone().map(|l| (l, s.generation))
+    }
+
+    fn set_location(&self, loc: Location) {
+        let mut s = self.inner.loc.lock().unwrap_or_else(|p| p.into_inner());
+        s.generation += 1;
+        s.loc = Some(loc);
+    }
+
+    /// The first range GET of a blob whose location is not known yet goes
+    /// to the registry with redirects not followed, so that it is its own
+    /// location probe: a redirect is cached (`None`: ask again, now at the
+    /// target), a success settles the location as direct and is the answer.
+    /// Saves the round trip of a separate `bytes=0-0` probe, which matters
+    /// when the footer and TOC came from the disk and this is the layer's
+    /// first request.
+    async fn first_get(
+        &self,
+        headers: &reqwest::header::HeaderMap,
+    ) -> Result<Option<Sent>, Failure> {
+        let _resolving = self.inner.resolver.lock().await;
+        if self.known_location().is_some() {
+            return Ok(None);
+        }
+        let (_, ep) = self.endpoint();
+        let url = self.url(ep)?;
+        let t = self.target(ep);
+        let sent = self
+            .inner
+            .client
+            .send_registry(&t, Method::GET, url.clone(), headers)
+            .await?;
+        if let Some(next) = redirect_location(&sent.resp, &url)? {
+            self.set_location(Location::Redirect(next));
+            return Ok(None);
+        }
+        if sent.resp.status().is_success() {
+            self.set_location(Location::Direct);
+        }
+        Ok(Some(sent))
+    }
+
     /// Asks the registry where the blob lives (`GET bytes=0-0`, redirect not
     /// followed).
     async fn resolve_location(&self) -> Result<Location, Failure> {
@@ -341,7 +386,15 @@ impl Blob {
     async fn get_range(&self, range: &str, refreshed: &AtomicBool) -> Result<Sent, Failure> {
         let headers = one_header(RANGE, range);
         loop {
-            let (loc, generation) = self.location(None).await?;
+            let (loc, generation) = match self.known_location() {
+                Some(v) => v,
+                None => match self.first_get(&headers).await? {
+                    // The registry answered with the bytes (or an error
+                    // for the retry loop): no separate location probe.
+                    Some(sent) => return Ok(sent),
+                    None => continue,
+                },
+            };
             match loc {
                 Location::Direct => {
                     let (_, ep) = self.endpoint();

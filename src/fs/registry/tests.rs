@@ -98,6 +98,29 @@ async fn multi_range_supported_uses_one_request() {
     assert_eq!(multi.header("range"), Some("bytes=10-29,100-149,5000-5000"));
 }
 
+/// The first range read of a blob is its own location probe: on a
+/// registry that serves blobs directly, one request, no `bytes=0-0` first.
+#[tokio::test]
+async fn first_range_read_needs_no_separate_location_probe() {
+    let (s, data) = registry_with(Multi::Multipart).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c
+        .blob_with_size(&reference(&s), &digest_of(&data), BLOB_LEN as u64)
+        .unwrap();
+    fetch_and_check(&b, &data, &[100..200]).await;
+    let gets: Vec<_> = s
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET")
+        .collect();
+    assert_eq!(gets.len(), 1, "{gets:#?}");
+    assert_eq!(gets[0].header("range"), Some("bytes=100-199"));
+    // The location is now known: the next read is one request too.
+    fetch_and_check(&b, &data, &[300..400]).await;
+    assert_eq!(s.count(|r| r.method == "GET"), 2);
+}
+
 #[tokio::test]
 async fn multi_range_rejections_fall_back_and_are_remembered() {
     for mode in [Multi::Reject400, Multi::Reject416, Multi::Whole] {
