@@ -22,7 +22,7 @@ use std::time::Duration;
 use support::containerd::{Containerd, ContainerdOptions};
 use support::daemon::Daemon;
 use support::faultproxy::{Fault, FaultProxy, Target};
-use support::image::{self, Layer};
+use support::image;
 use support::registry::Registry;
 
 const FILES: usize = 24;
@@ -35,30 +35,17 @@ struct Stack {
     registry: Registry,
     /// The eStargz image, through the proxy.
     reference: String,
-    _layout: tempfile::TempDir,
 }
 
 fn stack(config: &str) -> Stack {
     support::require_prerequisites();
-    let layout = support::temp_dir("layout");
-    let rootfs = support::rootfs::debian_rootfs();
-    image::build_oci_layout(
-        layout.path(),
-        "1",
-        &[
-            Layer::TarFile(rootfs.path.clone()),
-            Layer::Entries(image::noise_files_layer("big", FILES, FILE_SIZE)),
-        ],
-        &["/bin/sh"],
-    );
     let mut registry = Registry::start();
-    let src = registry.push_oci_layout(layout.path(), "1", "crash/src");
-    let dst = registry.reference("crash/esgz", "1");
-    let o = Command::new(env!("CARGO_BIN_EXE_rstargz"))
-        .args(["convert", "--plain-http", "--level", "1", &src, &dst])
-        .output()
-        .expect("run rstargz convert");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    image::push_estargz(
+        &mut registry,
+        "crash",
+        image::noise_files_layer("big", FILES, FILE_SIZE),
+        &[],
+    );
     let proxy = FaultProxy::start(&registry.host);
     let daemon = Daemon::start_with_config(Some(config));
     let ctrd = Containerd::start(ContainerdOptions {
@@ -71,26 +58,13 @@ fn stack(config: &str) -> Stack {
         proxy,
         registry,
         reference,
-        _layout: layout,
     }
 }
 
 /// `ctr run --rm REF ID cat /big/fNN`, checked against the file.
 fn cat_big(ctrd: &Containerd, reference: &str, id: &str, i: usize) {
-    let runc_root = ctrd.dir().join("runc").display().to_string();
     let path = image::noise_file("big", i);
-    let out = ctrd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
-        "stargz",
-        "--runc-root",
-        &runc_root,
-        reference,
-        id,
-        "cat",
-        &path,
-    ]);
+    let out = ctrd.run(&["--rm"], "stargz", reference, id, &["cat", &path]);
     let want = image::noise(i as u64, FILE_SIZE);
     let got = &out.stdout_bytes;
     let first_diff = got.iter().zip(&want).position(|(a, b)| a != b);

@@ -11,7 +11,7 @@ use std::process::Command;
 
 use support::containerd::{Containerd, ContainerdOptions};
 use support::daemon::Daemon;
-use support::image::{self, Layer};
+use support::image;
 use support::registry::Registry;
 
 const FILES: usize = 32;
@@ -98,25 +98,13 @@ fn full_disk_under_the_cache_serves_reads_uncached_and_corrupts_nothing() {
     let cache_dir = support::temp_dir("cache");
     let _tmpfs = Tmpfs::mount(cache_dir.path(), "3m");
 
-    let layout = support::temp_dir("layout");
-    let rootfs = support::rootfs::debian_rootfs();
-    image::build_oci_layout(
-        layout.path(),
-        "1",
-        &[
-            Layer::TarFile(rootfs.path.clone()),
-            Layer::Entries(image::noise_files_layer("big", FILES, FILE_SIZE)),
-        ],
-        &["/bin/sh"],
-    );
     let mut registry = Registry::start();
-    let src = registry.push_oci_layout(layout.path(), "1", "diskfull/src");
-    let dst = registry.reference("diskfull/esgz", "1");
-    let o = Command::new(env!("CARGO_BIN_EXE_rstargz"))
-        .args(["convert", "--plain-http", "--level", "1", &src, &dst])
-        .output()
-        .expect("run rstargz convert");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let dst = image::push_estargz(
+        &mut registry,
+        "diskfull",
+        image::noise_files_layer("big", FILES, FILE_SIZE),
+        &[],
+    );
 
     // The budget (1 GiB) is far above the disk (3 MiB); the memory cache
     // (2 MiB) holds only a few of the files.
@@ -166,19 +154,13 @@ fn full_disk_under_the_cache_serves_reads_uncached_and_corrupts_nothing() {
     // A container reads the files as well (once containerd has reconnected
     // to the restarted daemon).
     ctrd.wait_snapshotter("stargz", std::time::Duration::from_secs(60));
-    let runc_root = ctrd.dir().join("runc");
-    let out = ctrd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
+    let out = ctrd.run(
+        &["--rm"],
         "stargz",
-        "--runc-root",
-        &runc_root.display().to_string(),
         &dst,
         "diskfull-cat",
-        "cat",
-        &file(FILES - 1),
-    ]);
+        &["cat", &file(FILES - 1)],
+    );
     assert!(out.stdout_bytes == image::noise((FILES - 1) as u64, FILE_SIZE));
     drop(ctrd);
     drop(daemon);

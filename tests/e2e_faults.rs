@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use support::containerd::{Containerd, ContainerdOptions};
 use support::daemon::Daemon;
 use support::faultproxy::{Fault, FaultProxy, Target};
-use support::image::{self, Entry, Layer};
+use support::image::{self, Entry};
 use support::registry::Registry;
 
 /// Chunk size of the converted image: files of three chunks each.
@@ -104,18 +104,6 @@ fn fault_layer() -> Vec<Entry> {
         data: image::noise(7, 2 << 20),
     });
     es
-}
-
-fn rstargz(args: &[&str]) {
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rstargz"))
-        .args(args)
-        .output()
-        .expect("run rstargz");
-    assert!(
-        o.status.success(),
-        "rstargz {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
 }
 
 /// The directory where the fault layer is mounted: the FUSE mount of ours
@@ -234,31 +222,15 @@ impl Bench {
 #[test]
 fn registry_faults_retry_fall_back_or_fail_cleanly_and_recover() {
     support::require_prerequisites();
-    let layout = support::temp_dir("layout");
     let rootfs = support::rootfs::debian_rootfs();
-    image::build_oci_layout(
-        layout.path(),
-        "1",
-        &[
-            Layer::TarFile(rootfs.path.clone()),
-            Layer::Entries(fault_layer()),
-        ],
-        &["/bin/sh"],
-    );
     let mut registry = Registry::start();
-    let src = registry.push_oci_layout(layout.path(), "1", "faults/src");
-    let dst = registry.reference("faults/esgz", "1");
     let chunk = CHUNK.to_string();
-    rstargz(&[
-        "convert",
-        "--plain-http",
-        "--level",
-        "1",
-        "--chunk-size",
-        &chunk,
-        &src,
-        &dst,
-    ]);
+    image::push_estargz(
+        &mut registry,
+        "faults",
+        fault_layer(),
+        &["--chunk-size", &chunk],
+    );
 
     let proxy = FaultProxy::start(&registry.host);
     let daemon = Daemon::start_with_config(Some(&daemon_config()));

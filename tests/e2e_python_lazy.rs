@@ -39,20 +39,13 @@ fn python_print_fetches_under_30_percent_of_the_image() {
     });
     let before = registry.blob_bytes_served();
     ctrd.rpull_stargz(&dst);
-    let runc_root = ctrd.dir().join("runc").display().to_string();
-    let out = ctrd.ctr(&[
-        "run",
-        "--rm",
-        "--snapshotter",
+    let out = ctrd.run(
+        &["--rm"],
         "stargz",
-        "--runc-root",
-        &runc_root,
         &dst,
         "py",
-        "python3",
-        "-c",
-        "print(1)",
-    ]);
+        &["python3", "-c", "print(1)"],
+    );
     assert_eq!(out.stdout.trim(), "1");
     let layers = daemon.status_json()["layers"]
         .as_array()

@@ -330,3 +330,36 @@ pub fn noise_files_layer(dir: &str, files: usize, size: usize) -> Vec<Entry> {
 pub fn noise_file(dir: &str, i: usize) -> String {
     format!("/{dir}/f{i:02}")
 }
+
+/// The Debian rootfs with `top` as a second layer, pushed to `registry` as
+/// `<name>/src:1` and converted by `rstargz convert --level 1` (plus
+/// `extra` flags) into `<name>/esgz:1`, whose reference is returned.
+pub fn push_estargz(
+    registry: &mut super::registry::Registry,
+    name: &str,
+    top: Vec<Entry>,
+    extra: &[&str],
+) -> String {
+    let layout = super::temp_dir("layout");
+    let rootfs = super::rootfs::debian_rootfs();
+    build_oci_layout(
+        layout.path(),
+        "1",
+        &[Layer::TarFile(rootfs.path.clone()), Layer::Entries(top)],
+        &["/bin/sh"],
+    );
+    let src = registry.push_oci_layout(layout.path(), "1", &format!("{name}/src"));
+    let dst = registry.reference(&format!("{name}/esgz"), "1");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rstargz"))
+        .args(["convert", "--plain-http", "--level", "1"])
+        .args(extra)
+        .args([&src, &dst])
+        .output()
+        .expect("run rstargz convert");
+    assert!(
+        o.status.success(),
+        "rstargz convert {src} {dst}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    dst
+}

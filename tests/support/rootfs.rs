@@ -31,23 +31,7 @@ pub fn cache_dir() -> PathBuf {
 
 /// The Debian `bookworm`/`minbase` rootfs, building it on first use.
 pub fn debian_rootfs() -> RootfsTar {
-    let dir = cache_dir();
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-    let path = dir.join(format!("debian-{SUITE}-{VARIANT}-amd64.tar"));
-    let lock = std::fs::File::create(dir.join(".lock")).expect("create cache lock");
-    // SAFETY: flock on an fd we own; released when `lock` is closed.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        panic!(
-            "flock {}: {}",
-            dir.display(),
-            std::io::Error::last_os_error()
-        );
-    }
-    if !path.exists() {
-        build(&dir, &path);
-    }
-    drop(lock);
-    RootfsTar { path }
+    cached(&format!("debian-{SUITE}-{VARIANT}-amd64.tar"), &[])
 }
 
 /// The Debian `bookworm`/`minbase` rootfs plus `include` (packages passed
@@ -55,9 +39,18 @@ pub fn debian_rootfs() -> RootfsTar {
 /// `debian-bookworm-minbase-<name>-amd64.tar`. Used by the start-up
 /// benchmark's images; `name` must be a file-name-safe word.
 pub fn debian_rootfs_with(name: &str, include: &[&str]) -> RootfsTar {
+    cached(
+        &format!("debian-{SUITE}-{VARIANT}-{name}-amd64.tar"),
+        include,
+    )
+}
+
+/// The cached tarball `file`, built with `include` under the cache lock if
+/// it is missing.
+fn cached(file: &str, include: &[&str]) -> RootfsTar {
     let dir = cache_dir();
     std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-    let path = dir.join(format!("debian-{SUITE}-{VARIANT}-{name}-amd64.tar"));
+    let path = dir.join(file);
     let lock = std::fs::File::create(dir.join(".lock")).expect("create cache lock");
     // SAFETY: flock on an fd we own; released when `lock` is closed.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
@@ -72,10 +65,6 @@ pub fn debian_rootfs_with(name: &str, include: &[&str]) -> RootfsTar {
     }
     drop(lock);
     RootfsTar { path }
-}
-
-fn build(dir: &Path, dest: &Path) {
-    build_with(dir, dest, &[])
 }
 
 fn build_with(dir: &Path, dest: &Path, include: &[&str]) {
