@@ -5,7 +5,9 @@
 //!   `GET Range: bytes=0-0` and the `Content-Range` total. The first endpoint
 //!   (mirror or server) that answers is pinned for the blob's lifetime.
 //! - **Location**: the registry's redirect (object storage, presigned URL)
-//!   is resolved once and cached. A 401/403/404 from the cached URL means it
+//!   is learnt from the blob's first range GET (sent with redirects not
+//!   followed, so it needs no probe of its own) and cached. A 401/403/404
+//!   from the cached URL means it
 //!   expired: the reader re-resolves once per fetch; concurrent readers share
 //!   one re-resolution (the first takes the resolver lock, the others wait
 //!   and then see the new generation).
