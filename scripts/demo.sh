@@ -522,6 +522,8 @@ pct() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f%%", (b > 0 ? 100 * a / b :
 mib() { awk -v a="$1" 'BEGIN { printf "%.1f MiB", a / 1048576 }'; }
 
 report() {
+  local no_opt=""
+  [[ -n ${OPT:-} ]] || no_opt=$'\n(No optimized row: this build has no `rstargz optimize`.)'
   cat <<EOF
 
 ## rstargz demo: \`python3 -c 'print("hello")'\` in a Debian $SUITE python3-minimal image
@@ -536,8 +538,7 @@ sent.
 |---|---:|---:|---:|---:|---:|---:|---:|
 $(printf '%s\n' "${ROWS[@]}")
 
-All containers printed \`hello\`.${OPT:+}${OPT:-
-(No optimized row: this build has no \`rstargz optimize\`.)}
+All containers printed \`hello\`.${no_opt}
 Demo wall time: $(elapsed "$T0" "$(now)") s.
 EOF
 }
