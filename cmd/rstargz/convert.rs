@@ -25,6 +25,22 @@ pub struct ConvertArgs {
     /// always are).
     #[arg(long)]
     pub plain_http: bool,
+    #[command(flatten)]
+    pub build: LayerBuildArgs,
+    /// Platform picked from a manifest index, `os/arch[/variant]`.
+    #[arg(long, default_value = "linux/amd64")]
+    pub platform: String,
+    /// Convert every platform of an index and write an index.
+    #[arg(long, conflicts_with = "platform")]
+    pub all_platforms: bool,
+    /// Print a JSON summary on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How layers are rebuilt: the flags `convert` and `optimize` share.
+#[derive(Debug, clap::Args)]
+pub struct LayerBuildArgs {
     /// Uncompressed chunk size in bytes.
     #[arg(long, default_value_t = rstargz::estargz::DEFAULT_CHUNK_SIZE)]
     pub chunk_size: u64,
@@ -35,21 +51,30 @@ pub struct ConvertArgs {
     /// Compression level, 0-12 (libdeflate).
     #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(0..=12))]
     pub level: u32,
-    /// Platform picked from a manifest index, `os/arch[/variant]`.
-    #[arg(long, default_value = "linux/amd64")]
-    pub platform: String,
-    /// Convert every platform of an index and write an index.
-    #[arg(long, conflicts_with = "platform")]
-    pub all_platforms: bool,
-    /// Layers converted at once.
+    /// Layers downloaded and converted at once.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
     pub jobs: u32,
     /// Directory for temporary layer files (default: the system temp dir).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
-    /// Print a JSON summary on stdout.
-    #[arg(long)]
-    pub json: bool,
+}
+
+impl LayerBuildArgs {
+    /// Conversion options with these flags, progress bars on a terminal.
+    pub fn convert_options(&self) -> ConvertOptions {
+        ConvertOptions {
+            build: BuildOptions {
+                chunk_size: self.chunk_size,
+                min_chunk_size: self.min_chunk_size,
+                level: self.level,
+                ..BuildOptions::default()
+            },
+            layer_jobs: self.jobs as usize,
+            work_dir: self.work_dir.clone(),
+            progress: std::io::stderr().is_terminal(),
+            ..ConvertOptions::default()
+        }
+    }
 }
 
 /// Runs the conversion.
@@ -73,17 +98,8 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     }
     let client = RegistryClient::new(cfg)?;
     let opts = ConvertOptions {
-        build: BuildOptions {
-            chunk_size: args.chunk_size,
-            min_chunk_size: args.min_chunk_size,
-            level: args.level,
-            ..BuildOptions::default()
-        },
-        layer_jobs: args.jobs as usize,
-        work_dir: args.work_dir.clone(),
-        progress: std::io::stderr().is_terminal(),
         all_platforms: args.all_platforms,
-        ..ConvertOptions::default()
+        ..args.build.convert_options()
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -2,7 +2,6 @@
 //! records the files it opens and converts the image with them
 //! prioritized (see `rstargz::optimize` and docs/optimize.md).
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,8 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use rstargz::convert::ConvertOptions;
-use rstargz::estargz::writer::BuildOptions;
 use rstargz::fs::registry::{Reference, RegistryClient, RegistryConfig};
 use rstargz::optimize::workload::{Overrides, parse_entrypoint};
 use rstargz::optimize::{OptimizeOptions, optimize};
@@ -51,21 +48,8 @@ pub struct OptimizeArgs {
     /// Platform picked from a manifest index, `os/arch[/variant]`.
     #[arg(long, default_value = "linux/amd64")]
     pub platform: String,
-    /// Uncompressed chunk size in bytes.
-    #[arg(long, default_value_t = rstargz::estargz::DEFAULT_CHUNK_SIZE)]
-    pub chunk_size: u64,
-    /// Let small pieces share a gzip member below this many bytes.
-    #[arg(long, default_value_t = 0)]
-    pub min_chunk_size: u64,
-    /// Compression level, 0-12 (libdeflate).
-    #[arg(long, default_value_t = 9, value_parser = clap::value_parser!(u32).range(0..=12))]
-    pub level: u32,
-    /// Layers downloaded and converted at once.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=64))]
-    pub jobs: u32,
-    /// Directory for temporary files (default: the system temp dir).
-    #[arg(long)]
-    pub work_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub build: crate::convert::LayerBuildArgs,
     /// Print a JSON summary on stdout.
     #[arg(long)]
     pub json: bool,
@@ -90,18 +74,7 @@ pub fn run(a: OptimizeArgs) -> anyhow::Result<ExitCode> {
         cwd: a.cwd.clone(),
     };
     let opts = OptimizeOptions {
-        convert: ConvertOptions {
-            build: BuildOptions {
-                chunk_size: a.chunk_size,
-                min_chunk_size: a.min_chunk_size,
-                level: a.level,
-                ..BuildOptions::default()
-            },
-            layer_jobs: a.jobs as usize,
-            work_dir: a.work_dir.clone(),
-            progress: std::io::stderr().is_terminal(),
-            ..ConvertOptions::default()
-        },
+        convert: a.build.convert_options(),
         period: Duration::from_secs(a.period),
         overrides,
         record_in: a.record_in.clone(),
