@@ -53,6 +53,14 @@ fn read_all(daemon: &Daemon) {
         .unwrap_or_else(|| panic!("no mount holds /big: {:?}", daemon.mounts()));
     for i in 0..FILES {
         let p = mount.join(file(i).trim_start_matches('/'));
+        // The FUSE connection survives daemon restarts (hand-over), and with
+        // it the kernel's page cache: drop the file's pages so that the read
+        // reaches the daemon.
+        if let Ok(f) = std::fs::File::open(&p) {
+            use std::os::fd::AsRawFd;
+            // SAFETY: plain syscall on an fd we own.
+            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        }
         let got = std::fs::read(&p)
             .unwrap_or_else(|e| panic!("read {}: {e}; log:\n{}", p.display(), daemon.log_tail()));
         assert!(

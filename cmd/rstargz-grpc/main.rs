@@ -30,6 +30,40 @@ struct Flags {
     /// error, warn, info, debug or trace [config: log_level].
     #[arg(long)]
     log_level: Option<String>,
+    /// Internal: run as the FUSE holder listening on this socket (started
+    /// by the daemon itself; see docs/restart.md).
+    #[arg(long, hide = true, value_name = "SOCKET")]
+    fuse_holder: Option<PathBuf>,
+    /// Internal: the holder's grace period.
+    #[arg(long, hide = true, default_value_t = 60)]
+    fuse_holder_grace_secs: u64,
+}
+
+/// The holder process: keeps the parked `/dev/fuse` fd until a daemon takes
+/// it or the grace period ends.
+fn run_holder(socket: &std::path::Path, grace_secs: u64) -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
+        .with_ansi(false)
+        .with_writer(std::io::stderr)
+        .init();
+    // Signals meant for the daemon's terminal or service must not end the
+    // connection: only the protocol, the grace period or the kernel do.
+    for sig in [nix::sys::signal::SIGINT, nix::sys::signal::SIGHUP] {
+        // SAFETY: SIG_IGN installs no handler code.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigIgn) };
+    }
+    let grace = Duration::from_secs(grace_secs);
+    match rstargz::fs::handover::holder::run(socket, grace) {
+        Ok(why) => {
+            tracing::info!(?why, "FUSE holder exiting");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "FUSE holder failed");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn load(flags: Flags) -> Result<Config, String> {
@@ -121,7 +155,11 @@ async fn start_status(config: &Config, fs: Arc<LazyFs>) -> anyhow::Result<Status
 }
 
 fn main() -> ExitCode {
-    let config = match load(Flags::parse()) {
+    let flags = Flags::parse();
+    if let Some(socket) = &flags.fuse_holder {
+        return run_holder(socket, flags.fuse_holder_grace_secs);
+    }
+    let config = match load(flags) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("rstargz-grpc: {e}");
@@ -163,6 +201,15 @@ fn main() -> ExitCode {
             &config.root,
             rt.handle().clone(),
         );
+        let holder = std::env::current_exe().map(|exe| (exe, vec!["--fuse-holder".to_string()]));
+        let fs = match (fs, holder) {
+            (Ok(fs), Ok((exe, args))) => Ok(fs.with_holder(&config.root, exe, args)),
+            (Ok(fs), Err(e)) => {
+                tracing::warn!(error = %e, "cannot find my own executable: FUSE hand-over off");
+                Ok(fs)
+            }
+            (Err(e), _) => Err(e),
+        };
         match fs {
             Ok(fs) => {
                 let fs = Arc::new(fs);
@@ -177,7 +224,7 @@ fn main() -> ExitCode {
     } else {
         Arc::new(NoRemote)
     };
-    let status = match lazy.filter(|_| config.metrics.enabled) {
+    let status = match lazy.clone().filter(|_| config.metrics.enabled) {
         Some(fs) => match rt.block_on(start_status(&config, fs)) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -190,6 +237,9 @@ fn main() -> ExitCode {
     let result = rt.block_on(run(&config, remote, shutdown_signal(), ready));
     if let Some(s) = status {
         s.stop();
+    }
+    if let Some(fs) = &lazy {
+        fs.shutdown();
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::fs::cache::{Caches, CompleteFiles};
 use crate::fs::content::ContentSource;
 use crate::fs::fuse::{self, LayerFs, LayerFsOptions, MountOptions, MuxMount};
+use crate::fs::handover::{Handover, HolderCommand};
 use crate::fs::layer::{
     DynFetcher, Layer, LayerConfig, LayerContext, PrefetchState, StatsSnapshot, TocCheck, Trust,
     open_layer,
@@ -61,6 +62,13 @@ pub struct FsConfig {
     /// layer is fully fetched, served by FUSE passthrough at local-file
     /// speed. 0 turns passthrough off.
     pub passthrough_bytes: u64,
+    /// Park the FUSE connection with a holder process, so that running
+    /// containers keep reading across a restart, crash or upgrade of the
+    /// daemon (docs/restart.md). Off: a stop unmounts every layer.
+    pub handover: bool,
+    /// How long the holder keeps a connection no daemon took over; then it
+    /// closes it, and reads waiting for a daemon fail with `ENOTCONN`.
+    pub handover_grace_secs: u64,
 }
 
 impl Default for FsConfig {
@@ -71,6 +79,8 @@ impl Default for FsConfig {
             fuse_threads: 4,
             max_inflight_reads: 64,
             passthrough_bytes: 2 << 30,
+            handover: true,
+            handover_grace_secs: 60,
         }
     }
 }
@@ -153,6 +163,12 @@ pub struct LazyFs {
     fallbacks: Mutex<VecDeque<Fallback>>,
     fallbacks_total: AtomicU64,
     prewarm: Prewarm,
+    handover: Option<Arc<Handover>>,
+}
+
+/// The holder's socket in the daemon's root.
+pub fn holder_socket(root: &Path) -> PathBuf {
+    root.join("fuse-holder.sock")
 }
 
 impl LazyFs {
@@ -207,7 +223,69 @@ impl LazyFs {
             fallbacks: Mutex::new(VecDeque::with_capacity(FALLBACK_HISTORY)),
             fallbacks_total: AtomicU64::new(0),
             prewarm: Prewarm::default(),
+            handover: None,
         })
+    }
+
+    /// Enables the FUSE hand-over (when `[fs] handover` is on): `program`
+    /// and `args` start a holder process (`rstargz-grpc --fuse-holder`).
+    pub fn with_holder(mut self, root: &Path, program: PathBuf, args: Vec<String>) -> Self {
+        if self.config.handover {
+            self.handover = Some(Arc::new(Handover::new(
+                holder_socket(root),
+                HolderCommand {
+                    program,
+                    args,
+                    grace: std::time::Duration::from_secs(self.config.handover_grace_secs),
+                    log: root.join("fuse-holder.log"),
+                },
+            )));
+        }
+        self
+    }
+
+    /// Called once the remote snapshots are restored: an adopted FUSE
+    /// connection starts answering now that every layer is back in its
+    /// slot. A connection parked by a previous daemon that no restored layer
+    /// needed is taken over too, so that whatever still references it gets
+    /// answers instead of waiting out the holder's grace period.
+    pub async fn resume_after_restore(&self) {
+        let existing = self.mux.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mux = match existing {
+            Some(m) => Some(m),
+            None if self.handover.is_some() => self.mux_inner(false).await.ok().flatten(),
+            None => None,
+        };
+        if let Some(m) = mux {
+            let r = tokio::task::spawn_blocking(move || m.resume()).await;
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "cannot serve the adopted FUSE connection")
+                }
+                Err(e) => tracing::error!(error = %e, "resume task failed"),
+            }
+        }
+    }
+
+    /// Before the process exits. With the hand-over on, everything stays
+    /// mounted and the holder keeps the connection for the next daemon;
+    /// otherwise the holder (if any) is told to let go, and dropping the
+    /// mount unmounts every layer. Blocking.
+    pub fn shutdown(&self) {
+        let mux = self.mux.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match (&self.handover, mux) {
+            (Some(_), Some(m)) => {
+                m.park();
+                tracing::info!("FUSE connection left to the holder for the next daemon");
+            }
+            (Some(h), None) => {
+                if let Err(e) = h.release() {
+                    tracing::warn!(error = %e, "releasing the FUSE holder failed");
+                }
+            }
+            (None, _) => {}
+        }
     }
 
     /// Per-layer state and statistics, sorted by mountpoint.
@@ -436,29 +514,65 @@ impl LazyFs {
         self.slots.clone()
     }
 
-    /// The daemon's FUSE mount, mounted on first use.
+    /// The daemon's FUSE mount, made on first use: taken over from the
+    /// holder when a previous daemon parked one there, mounted afresh (and
+    /// parked with a new holder) otherwise.
     async fn mux(&self) -> Result<Arc<MuxMount>, RemoteError> {
+        self.mux_inner(true)
+            .await?
+            .ok_or_else(|| RemoteError::new("no FUSE mount"))
+    }
+
+    /// `fresh`: mount anew when there is nothing to take over.
+    async fn mux_inner(&self, fresh: bool) -> Result<Option<Arc<MuxMount>>, RemoteError> {
         if let Some(m) = self.mux.lock().unwrap_or_else(|e| e.into_inner()).clone() {
-            return Ok(m);
+            return Ok(Some(m));
         }
         let dir = self.mux_dir.clone();
         let opts = MountOptions {
             fsname: "rstargz".into(),
             threads: self.config.fuse_threads,
+            clone_fd: self.handover.is_none(),
             ..MountOptions::default()
         };
         let inflight = self.config.max_inflight_reads;
-        let made = tokio::task::spawn_blocking(move || MuxMount::mount(&dir, &opts, inflight))
-            .await
-            .map_err(|e| RemoteError::new(format!("mount task failed: {e}")))?
-            .map_err(|e| {
-                RemoteError::new(format!("FUSE mount at {}: {e}", self.mux_dir.display()))
-            })?;
+        let handover = self.handover.clone();
+        let made = tokio::task::spawn_blocking(move || -> std::io::Result<Option<MuxMount>> {
+            if let Some(h) = &handover {
+                match h.take() {
+                    Ok(Some((device, init))) => {
+                        match MuxMount::adopt(&dir, device, &init, &opts, inflight) {
+                            Ok(m) => {
+                                tracing::info!(dir = %dir.display(), "took over the FUSE connection of the previous daemon");
+                                return Ok(Some(m));
+                            }
+                            Err(e) => tracing::warn!(error = %e, "cannot take over the parked FUSE connection; mounting afresh"),
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(error = %e, "FUSE holder unreachable"),
+                }
+            }
+            if !fresh {
+                return Ok(None);
+            }
+            let m = MuxMount::mount(&dir, &opts, inflight)?;
+            if let (Some(h), Some((device, init))) = (&handover, m.handover_parts())
+                && let Err(e) = h.park(device, &init)
+            {
+                tracing::warn!(error = %e, "FUSE hand-over unavailable: a restart will break running containers");
+            }
+            Ok(Some(m))
+        })
+        .await
+        .map_err(|e| RemoteError::new(format!("mount task failed: {e}")))?
+        .map_err(|e| RemoteError::new(format!("FUSE mount at {}: {e}", self.mux_dir.display())))?;
+        let Some(made) = made else { return Ok(None) };
         let mut slot = self.mux.lock().unwrap_or_else(|e| e.into_inner());
         // Two first mounts raced: keep the one stored first (the other
         // unmounts when dropped, off the lock).
         let m = slot.get_or_insert_with(|| Arc::new(made)).clone();
-        Ok(m)
+        Ok(Some(m))
     }
 
     /// Layers attached and detached-but-referenced in the FUSE mount.
@@ -539,6 +653,10 @@ impl RemoteFs for LazyFs {
             tracing::warn!(mountpoint = %mountpoint.display(), reason = %reason, "prefetch failed; reads fetch on demand");
         }
         Ok(())
+    }
+
+    async fn restored(&self) {
+        self.resume_after_restore().await;
     }
 
     async fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError> {

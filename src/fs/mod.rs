@@ -7,6 +7,8 @@
 //! - [`fuse`]: the read-only FUSE filesystem of a layer (fuser), and the
 //!   daemon's single mount multiplexing all layers.
 //! - [`slots`]: durable slot number of each mounted layer.
+//! - [`handover`]: the holder process that keeps the FUSE connection open
+//!   across daemon restarts, and taking it over.
 //! - [`tail_cache`]: footer and TOC of each layer on disk, so a restart
 //!   does not fetch them again.
 //! - [`content`]: the [`ContentSource`] seam the FUSE filesystem reads from.
@@ -19,6 +21,7 @@
 pub mod cache;
 pub mod content;
 pub mod fuse;
+pub mod handover;
 pub mod layer;
 pub mod lazy;
 pub mod prewarm;

@@ -135,6 +135,7 @@ impl Snapshotter {
         let root = root.to_path_buf();
         let s = Arc::new(blocking(move || Snapshotter::open_blocking(&root, remote)).await?);
         s.restore_remote().await?;
+        s.remote.restored().await;
         Ok(s)
     }
 

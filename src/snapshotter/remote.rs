@@ -59,6 +59,10 @@ pub trait RemoteFs: Send + Sync {
 
     /// Unmounts `mountpoint`. Called before a remote snapshot is removed.
     async fn unmount(&self, mountpoint: &Path) -> Result<(), RemoteError>;
+
+    /// Every remote snapshot has been through `check`/`mount` at start;
+    /// called once, before the daemon serves.
+    async fn restored(&self) {}
 }
 
 /// The default [`RemoteFs`]: nothing is ever mounted remotely.

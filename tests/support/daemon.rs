@@ -95,6 +95,58 @@ impl Daemon {
         self.spawn();
     }
 
+    /// The holder's socket (`<root>/fuse-holder.sock`).
+    pub fn holder_socket(&self) -> PathBuf {
+        self.root.join("fuse-holder.sock")
+    }
+
+    /// Pid of the FUSE holder process serving this daemon's root, if one
+    /// runs.
+    pub fn holder_pid(&self) -> Option<u32> {
+        let sock = self.holder_socket();
+        let want = sock.to_string_lossy();
+        std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmd
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_holder =
+                args.iter().any(|a| a == "--fuse-holder") && args.iter().any(|a| *a == want);
+            is_holder.then_some(pid)
+        })
+    }
+
+    /// Makes the holder (if any) close the FUSE connection and exit.
+    pub fn release_holder(&self) {
+        if let Err(e) = rstargz::fs::handover::release(&self.holder_socket()) {
+            eprintln!("daemon guard: releasing the FUSE holder: {e}");
+        }
+    }
+
+    /// Kills the daemon with SIGKILL and leaves it dead (its holder keeps
+    /// the FUSE connection); [`Daemon::start_again`] brings it back.
+    pub fn kill9(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            proc::signal(s.pid(), libc::SIGKILL);
+            s.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// Stops the daemon with SIGTERM and leaves it stopped.
+    pub fn stop(&mut self) {
+        if let Some(mut s) = self.server.take() {
+            s.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// Starts the daemon again after [`Daemon::kill9`] or [`Daemon::stop`].
+    pub fn start_again(&mut self) {
+        assert!(self.server.is_none(), "daemon still running");
+        self.spawn();
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -211,14 +263,17 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SIGTERM first: the daemon should unmount its FUSE layers itself.
+        // SIGTERM first. With the FUSE hand-over on (the default) the daemon
+        // leaves its mounts to the holder process for a successor; there
+        // is none, so the holder is told to let go, and the mounts go.
         if let Some(mut s) = self.server.take() {
             s.stop(Duration::from_secs(10));
         }
+        self.release_holder();
         let d = self.dir.path().to_path_buf();
         let left = proc::unmount_all_under(&d);
         if !left.is_empty() {
-            eprintln!("daemon guard: had to unmount {left:?} after rstargz-grpc stopped");
+            eprintln!("daemon guard: unmounted {left:?} after rstargz-grpc stopped");
         }
         if let Err(e) = std::fs::remove_dir_all(&d)
             && e.kind() != std::io::ErrorKind::NotFound

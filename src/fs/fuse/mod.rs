@@ -8,12 +8,14 @@
 //! - [`mount`](mount()): mounting, [`MountHandle`], stale-mount cleanup.
 //! - [`mux`]: [`MuxMount`], the daemon's single FUSE mount serving every
 //!   layer in its own slot directory.
+//! - `adopt`: serving a connection a previous daemon set up (hand-over).
 //!
 //! Inode numbers are `NodeId + 1` (FUSE's root is 1); whiteouts, which have
 //! no node of their own, are numbered after the last node. In the
 //! multiplexed mount a layer's numbers are offset by its slot in the high
 //! 32 bits ([`slot_base`]). See ARCHITECTURE.md for the thread model.
 
+mod adopt;
 mod attr;
 mod error;
 mod mount;
@@ -31,7 +33,7 @@ use fuser::{FileAttr, INodeNo};
 use tokio::sync::Semaphore;
 
 pub use mount::{MountHandle, MountOptions, Unmounted, mount, unmount};
-pub use mux::{MuxMount, SLOT_BITS, slot_base};
+pub use mux::{MuxMount, SLOT_BITS, is_mounted_here, slot_base};
 pub use read::ReadStats;
 
 use crate::estargz::reader::{Index, Node, NodeId, NodeKind};

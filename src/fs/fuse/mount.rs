@@ -13,6 +13,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use std::os::fd::{AsFd, OwnedFd};
+
 use fuser::{Config, Filesystem, MountOption, Notifier, Session, SessionACL, SessionUnmounter};
 use nix::errno::Errno;
 use nix::mount::{MntFlags, umount2};
@@ -38,6 +40,11 @@ pub struct MountOptions {
     /// Let every user (containers' uids) through; permissions are then
     /// checked by the kernel from the TOC's mode/uid/gid.
     pub allow_other: bool,
+    /// Give each worker its own clone of the device fd. Off when the
+    /// connection is to be handed over: requests a worker's clone had read
+    /// fail with `ECONNABORTED` when that clone closes, whereas requests
+    /// read through the shared fd are resent to the next daemon.
+    pub clone_fd: bool,
 }
 
 impl Default for MountOptions {
@@ -46,6 +53,7 @@ impl Default for MountOptions {
             fsname: "rstargz".into(),
             threads: 4,
             allow_other: true,
+            clone_fd: true,
         }
     }
 }
@@ -66,7 +74,7 @@ pub enum Unmounted {
 #[derive(Debug)]
 pub struct MountHandle {
     mountpoint: PathBuf,
-    unmounter: Option<SessionUnmounter>,
+    unmounter: Option<Unmounter>,
     session: Option<JoinHandle<io::Result<()>>>,
     /// Set (and notified) when the session thread ends.
     ended: Arc<(Mutex<bool>, Condvar)>,
@@ -82,14 +90,24 @@ pub fn mount(
     start(mountpoint, fs, opts).map(|(h, _)| h)
 }
 
-/// Mounts any of our filesystems; also returns the session's [`Notifier`]
-/// (cache invalidations).
-pub(super) fn start<F: Filesystem + Send + Sync + 'static>(
-    mountpoint: impl AsRef<Path>,
-    fs: F,
-    opts: &MountOptions,
-) -> io::Result<(MountHandle, Notifier)> {
-    let mountpoint = mountpoint.as_ref().to_path_buf();
+/// How a session's mount is taken down.
+#[derive(Debug)]
+enum Unmounter {
+    /// fuser mounted it.
+    Session(SessionUnmounter),
+    /// Adopted from a previous daemon: umount(2) by path.
+    Path,
+}
+
+/// A FUSE session that is mounted (or adopted) and handshaken but not yet
+/// serving: nothing answers the kernel until [`Prepared::spawn`].
+pub(super) struct Prepared<F: Filesystem> {
+    pub(super) session: Session<F>,
+    mountpoint: PathBuf,
+    unmounter: Unmounter,
+}
+
+fn session_config(opts: &MountOptions) -> Config {
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(opts.fsname.clone()),
@@ -105,35 +123,95 @@ pub(super) fn start<F: Filesystem + Send + Sync + 'static>(
         SessionACL::Owner
     };
     config.n_threads = Some(opts.threads.clamp(1, MAX_THREADS));
-    config.clone_fd = true;
+    config.clone_fd = opts.clone_fd;
+    config
+}
 
-    let mut session = Session::new(fs, &mountpoint, &config)?;
-    let unmounter = session.unmount_callable();
-    let notifier = session.notifier();
-    let ended = Arc::new((Mutex::new(false), Condvar::new()));
-    let end = ended.clone();
-    let session = std::thread::Builder::new()
-        .name("rstargz-fuse".into())
-        .spawn(move || {
-            let r = session.run();
-            let (done, cv) = &*end;
-            *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
-            cv.notify_all();
-            r
-        })
-        // On error the closure, and with it the session, is dropped: that
-        // unmounts.
-        ?;
-    tracing::info!(mountpoint = %mountpoint.display(), "FUSE mounted");
-    Ok((
-        MountHandle {
+/// mount(2) and the FUSE handshake. Blocking.
+pub(super) fn prepare<F: Filesystem + Send + Sync + 'static>(
+    mountpoint: impl AsRef<Path>,
+    fs: F,
+    opts: &MountOptions,
+) -> io::Result<Prepared<F>> {
+    let mountpoint = mountpoint.as_ref().to_path_buf();
+    let mut session = Session::new(fs, &mountpoint, &session_config(opts))?;
+    let unmounter = Unmounter::Session(session.unmount_callable());
+    Ok(Prepared {
+        session,
+        mountpoint,
+        unmounter,
+    })
+}
+
+/// Wraps `session`, already connected to the device of the mount at
+/// `mountpoint` (taken over from a previous daemon).
+pub(super) fn prepared_adopted<F: Filesystem>(
+    session: Session<F>,
+    mountpoint: &Path,
+) -> Prepared<F> {
+    Prepared {
+        session,
+        mountpoint: mountpoint.to_path_buf(),
+        unmounter: Unmounter::Path,
+    }
+}
+
+pub(super) fn adopted_config(opts: &MountOptions) -> (SessionACL, Config) {
+    let c = session_config(opts);
+    (c.acl, c)
+}
+
+impl<F: Filesystem + Send + Sync + 'static> Prepared<F> {
+    pub(super) fn notifier(&self) -> Notifier {
+        self.session.notifier()
+    }
+
+    /// A duplicate of the session's `/dev/fuse` fd (for the holder).
+    pub(super) fn device(&self) -> io::Result<OwnedFd> {
+        self.session.as_fd().try_clone_to_owned()
+    }
+
+    /// Starts answering the kernel on the session's worker threads.
+    pub(super) fn spawn(self) -> io::Result<MountHandle> {
+        let Prepared {
+            session,
+            mountpoint,
+            unmounter,
+        } = self;
+        let ended = Arc::new((Mutex::new(false), Condvar::new()));
+        let end = ended.clone();
+        let session = std::thread::Builder::new()
+            .name("rstargz-fuse".into())
+            .spawn(move || {
+                let r = session.run();
+                let (done, cv) = &*end;
+                *done.lock().unwrap_or_else(|p| p.into_inner()) = true;
+                cv.notify_all();
+                r
+            })
+            // On error the closure, and with it the session, is dropped:
+            // that unmounts.
+            ?;
+        tracing::info!(mountpoint = %mountpoint.display(), "FUSE serving");
+        Ok(MountHandle {
             mountpoint,
             unmounter: Some(unmounter),
             session: Some(session),
             ended,
-        },
-        notifier,
-    ))
+        })
+    }
+}
+
+/// Mounts any of our filesystems and starts serving; also returns the
+/// session's [`Notifier`] (cache invalidations).
+pub(super) fn start<F: Filesystem + Send + Sync + 'static>(
+    mountpoint: impl AsRef<Path>,
+    fs: F,
+    opts: &MountOptions,
+) -> io::Result<(MountHandle, Notifier)> {
+    let prepared = prepare(mountpoint, fs, opts)?;
+    let notifier = prepared.notifier();
+    Ok((prepared.spawn()?, notifier))
 }
 
 impl MountHandle {
@@ -148,11 +226,24 @@ impl MountHandle {
         self.do_unmount()
     }
 
+    /// Leaves the mount and its session as they are: the process is about
+    /// to exit and the connection is parked for the next daemon.
+    pub fn abandon(mut self) {
+        self.unmounter = None;
+        self.session = None;
+    }
+
     fn do_unmount(&mut self) -> io::Result<Unmounted> {
-        let Some(mut unmounter) = self.unmounter.take() else {
+        let Some(unmounter) = self.unmounter.take() else {
             return Ok(Unmounted::NotMounted);
         };
-        match unmounter.unmount() {
+        let done = match unmounter {
+            Unmounter::Session(mut u) => u.unmount(),
+            Unmounter::Path => {
+                umount2(&self.mountpoint, MntFlags::empty()).map_err(io::Error::from)
+            }
+        };
+        match done {
             Ok(()) => self.await_session_end(),
             // Already unmounted from outside (e.g. by [`unmount`]).
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => self.await_session_end(),

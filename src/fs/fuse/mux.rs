@@ -14,12 +14,14 @@
 //! its previous layer: detaching a layer unbinds it and invalidates its
 //! root entry, and the layer stays in the table (answering requests) until
 //! the kernel has forgotten every inode it was given (lookup counting,
-//! [`LayerFs::lookups`]). Those properties are what a future hand-over of
-//! the `/dev/fuse` fd to a restarted daemon needs (ARCHITECTURE.md).
+//! [`LayerFs::lookups`]). Those properties let a restarted daemon take the
+//! connection over ([`MuxMount::adopt`], [`crate::fs::handover`]) and
+//! answer the inode numbers the kernel already holds.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -32,8 +34,10 @@ use fuser::{
 use nix::mount::MsFlags;
 
 use super::LayerFs;
-use super::mount::{MountHandle, MountOptions, Unmounted, start, unmount};
+use super::adopt::{adopt, request_resend};
+use super::mount::{MountHandle, MountOptions, Prepared, Unmounted, prepare, unmount};
 use super::ops::{GEN, negotiate};
+use crate::fs::handover::KernelInit;
 
 /// Bits of an inode number that belong to the layer; the slot is above.
 pub const SLOT_BITS: u32 = 32;
@@ -75,6 +79,8 @@ struct MuxFs {
     table: Arc<Table>,
     max_inflight_reads: usize,
     mounted_at: SystemTime,
+    /// What the kernel offered at `FUSE_INIT`, for a successor.
+    kernel: Arc<Mutex<Option<KernelInit>>>,
 }
 
 impl MuxFs {
@@ -146,6 +152,14 @@ fn first_slot(offset: u64) -> Option<u32> {
 
 impl Filesystem for MuxFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        let abi = config.kernel_abi();
+        *self.kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(KernelInit {
+            major: abi.0,
+            minor: abi.1,
+            flags: config.capabilities().bits(),
+            // fuser does not tell; only used to replay the handshake.
+            max_readahead: 128 << 10,
+        });
         negotiate(config, self.max_inflight_reads);
         Ok(())
     }
@@ -356,13 +370,30 @@ impl Filesystem for MuxFs {
     }
 }
 
+/// Whether the session answers the kernel yet.
+enum Serving {
+    Running(MountHandle),
+    /// Adopted, waiting for [`MuxMount::resume`]: the layers are being put
+    /// back in their slots, and their bind mounts (which need the session
+    /// to answer lookups) wait here.
+    Paused {
+        prepared: Box<Prepared<MuxFs>>,
+        binds: Vec<(u32, PathBuf)>,
+    },
+    Stopped,
+}
+
 /// The daemon's multiplexed FUSE mount. Dropping it unbinds every layer and
-/// unmounts (lazily if busy).
+/// unmounts (lazily if busy), unless it was [parked](MuxMount::park).
 pub struct MuxMount {
     dir: PathBuf,
     table: Arc<Table>,
     notifier: Notifier,
-    handle: Mutex<Option<MountHandle>>,
+    serving: Mutex<Serving>,
+    /// A duplicate of the session's `/dev/fuse` fd, to park with the holder.
+    device: OwnedFd,
+    kernel: Arc<Mutex<Option<KernelInit>>>,
+    parked: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MuxMount {
@@ -371,27 +402,139 @@ impl std::fmt::Debug for MuxMount {
     }
 }
 
+/// Whether `dir` is a `fuse.rstargz` mount point, from mountinfo (which,
+/// unlike stat, does not ask the FUSE daemon).
+pub fn is_mounted_here(dir: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = dir.to_string_lossy();
+    info.lines().any(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        let fstype = f.iter().position(|x| *x == "-").and_then(|i| f.get(i + 1));
+        f.get(4) == Some(&want.as_ref()) && fstype == Some(&"fuse.rstargz")
+    })
+}
+
 impl MuxMount {
-    /// Mounts an empty multiplexed filesystem at `dir` (created if needed;
-    /// a stale mount left there by a crashed daemon is cleared first).
-    /// Blocking: mount(2) and the FUSE handshake.
-    pub fn mount(dir: &Path, opts: &MountOptions, max_inflight_reads: usize) -> io::Result<Self> {
-        // A dead mount answers ENOTCONN: clear it before looking at the dir.
-        let _ = unmount(dir);
-        std::fs::create_dir_all(dir)?;
+    fn new_fs(max_inflight_reads: usize) -> (MuxFs, Arc<Table>, Arc<Mutex<Option<KernelInit>>>) {
         let table = Arc::new(Table::default());
+        let kernel = Arc::new(Mutex::new(None));
         let fs = MuxFs {
             table: table.clone(),
             max_inflight_reads,
             mounted_at: SystemTime::now(),
+            kernel: kernel.clone(),
         };
-        let (handle, notifier) = start(dir, fs, opts)?;
+        (fs, table, kernel)
+    }
+
+    /// Mounts an empty multiplexed filesystem at `dir` (created if needed;
+    /// a stale mount left there by a crashed daemon is cleared first) and
+    /// serves it. Blocking: mount(2) and the FUSE handshake.
+    pub fn mount(dir: &Path, opts: &MountOptions, max_inflight_reads: usize) -> io::Result<Self> {
+        // A dead mount answers ENOTCONN: clear it before looking at the dir.
+        let _ = unmount(dir);
+        std::fs::create_dir_all(dir)?;
+        let (fs, table, kernel) = Self::new_fs(max_inflight_reads);
+        let prepared = prepare(dir, fs, opts)?;
+        let notifier = prepared.notifier();
+        let device = prepared.device()?;
+        let handle = prepared.spawn()?;
         Ok(MuxMount {
             dir: dir.to_path_buf(),
             table,
             notifier,
-            handle: Mutex::new(Some(handle)),
+            serving: Mutex::new(Serving::Running(handle)),
+            device,
+            kernel,
+            parked: false.into(),
         })
+    }
+
+    /// Takes over the live mount at `dir` through `device`, its `/dev/fuse`
+    /// fd parked by a previous daemon. Nothing is answered until
+    /// [`resume`](Self::resume): requests wait in the kernel while the
+    /// layers are attached again in their old slots. Blocking.
+    pub fn adopt(
+        dir: &Path,
+        device: OwnedFd,
+        init: &KernelInit,
+        opts: &MountOptions,
+        max_inflight_reads: usize,
+    ) -> io::Result<Self> {
+        if !is_mounted_here(dir) {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no rstargz FUSE mount at {}", dir.display()),
+            ));
+        }
+        let (fs, table, kernel) = Self::new_fs(max_inflight_reads);
+        let keep = device.try_clone()?;
+        let prepared = adopt(dir, fs, device, init, opts)?;
+        // The replayed handshake recorded the same offer again.
+        *kernel.lock().unwrap_or_else(|p| p.into_inner()) = Some(init.clone());
+        Ok(MuxMount {
+            dir: dir.to_path_buf(),
+            table,
+            notifier: prepared.notifier(),
+            serving: Mutex::new(Serving::Paused {
+                prepared: Box::new(prepared),
+                binds: Vec::new(),
+            }),
+            device: keep,
+            kernel,
+            parked: false.into(),
+        })
+    }
+
+    /// Starts answering an adopted connection: the kernel first moves back
+    /// the requests the previous daemon read but never answered, then the
+    /// layers' bind mounts are made. No-op when already serving. Blocking.
+    pub fn resume(&self) -> io::Result<()> {
+        let mut serving = self.lock_serving();
+        let Serving::Paused { .. } = &*serving else {
+            return Ok(());
+        };
+        let Serving::Paused { prepared, binds } =
+            std::mem::replace(&mut *serving, Serving::Stopped)
+        else {
+            unreachable!("checked above");
+        };
+        if let Err(e) = request_resend(self.device.as_fd()) {
+            tracing::warn!(error = %e, "kernel refused FUSE_NOTIFY_RESEND; requests the old daemon had read stay unanswered");
+        }
+        *serving = Serving::Running(prepared.spawn()?);
+        drop(serving);
+        let n = binds.len();
+        for (slot, target) in binds {
+            if let Err(e) = self.bind(slot, &target) {
+                tracing::warn!(slot, target = %target.display(), error = %e, "rebinding an adopted layer failed");
+                self.detach(slot);
+            }
+        }
+        tracing::info!(layers = n, dir = %self.dir.display(), "serving the adopted FUSE connection");
+        Ok(())
+    }
+
+    /// The `/dev/fuse` fd and the kernel's `FUSE_INIT` offer, for the holder.
+    pub fn handover_parts(&self) -> Option<(BorrowedFd<'_>, KernelInit)> {
+        let init = self
+            .kernel
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        Some((self.device.as_fd(), init))
+    }
+
+    /// Leave everything mounted when dropped: the connection is parked with
+    /// the holder for the next daemon.
+    pub fn park(&self) {
+        self.parked.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn lock_serving(&self) -> std::sync::MutexGuard<'_, Serving> {
+        self.serving.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Where the multiplexed filesystem is mounted.
@@ -434,24 +577,34 @@ impl MuxMount {
                 },
             );
         }
+        if let Serving::Paused { binds, .. } = &mut *self.lock_serving() {
+            binds.push((slot, target.to_path_buf()));
+            return Ok(());
+        }
+        if let Err(e) = self.bind(slot, target) {
+            self.detach(slot);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn bind(&self, slot: u32, target: &Path) -> io::Result<()> {
         let _ = unmount(target);
         let src = self.dir.join(slot.to_string());
-        let bound = nix::mount::mount(
+        nix::mount::mount(
             Some(&src),
             target,
             None::<&str>,
             MsFlags::MS_BIND,
             None::<&str>,
-        );
-        if let Err(e) = bound {
-            self.detach(slot);
-            return Err(io::Error::other(format!(
+        )
+        .map_err(|e| {
+            io::Error::other(format!(
                 "bind mount of {} on {}: {e}",
                 src.display(),
                 target.display()
-            )));
-        }
-        Ok(())
+            ))
+        })
     }
 
     /// Unbinds `slot`'s layer (lazily if busy) and drops the kernel's cached
@@ -463,6 +616,12 @@ impl MuxMount {
             Some(s) => s.target.take(),
             None => return Unmounted::NotMounted,
         };
+        if let Serving::Paused { binds, .. } = &mut *self.lock_serving() {
+            // Never bound: nothing to unmount, and no session to notify.
+            binds.retain(|(s, _)| *s != slot);
+            reap(&self.table, slot);
+            return Unmounted::NotMounted;
+        }
         let how = match &target {
             Some(t) => unmount(t).unwrap_or_else(|e| {
                 tracing::warn!(target = %t.display(), error = %e, "unbinding layer failed");
@@ -486,6 +645,15 @@ impl MuxMount {
 
 impl Drop for MuxMount {
     fn drop(&mut self) {
+        let serving = std::mem::replace(&mut *self.lock_serving(), Serving::Stopped);
+        if self.parked.load(std::sync::atomic::Ordering::SeqCst) {
+            // The holder keeps the connection; the kernel keeps the mounts.
+            if let Serving::Running(h) = serving {
+                h.abandon();
+            }
+            return;
+        }
+        *self.lock_serving() = serving;
         let slots: Vec<u32> = read(&self.table)
             .iter()
             .filter(|(_, s)| s.target.is_some())
@@ -494,8 +662,14 @@ impl Drop for MuxMount {
         for slot in slots {
             self.detach(slot);
         }
-        let handle = self.handle.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(Err(e)) = handle.map(MountHandle::unmount) {
+        let serving = std::mem::replace(&mut *self.lock_serving(), Serving::Stopped);
+        let result = match serving {
+            Serving::Running(h) => h.unmount(),
+            // Adopted but never served: unmount by path.
+            Serving::Paused { .. } => unmount(&self.dir),
+            Serving::Stopped => Ok(Unmounted::NotMounted),
+        };
+        if let Err(e) = result {
             tracing::warn!(dir = %self.dir.display(), error = %e, "unmounting FUSE failed");
         }
     }

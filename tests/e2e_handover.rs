@@ -1,0 +1,361 @@
+//! Running containers keep reading across daemon restarts: the FUSE
+//! connection is parked with the holder process and taken over by the next
+//! daemon (docs/restart.md, `src/fs/handover`).
+//!
+//! Real stack: `docker-registry` behind the fault proxy, containerd with
+//! rstargz-grpc as the `stargz` proxy snapshotter, runc containers on
+//! lazily mounted layers. Prefetch, background fetch and read-ahead are off,
+//! so every file below is fetched from the registry when first read, through
+//! the FUSE connection.
+
+mod support;
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use support::containerd::{Containerd, ContainerdOptions};
+use support::daemon::Daemon;
+use support::faultproxy::{Fault, FaultProxy, Target};
+use support::image::{self, Entry};
+use support::registry::Registry;
+
+const FILES: usize = 8;
+/// No read may wait longer than this for a daemon to come back.
+const HANG: Duration = Duration::from_secs(60);
+
+fn config(grace_secs: u64) -> String {
+    format!(
+        "[layer]\n\
+         background_fetch = false\n\
+         prefetch = false\n\
+         read_ahead_bytes = 0\n\
+         read_timeout_ms = 20000\n\
+         [registry]\n\
+         request_timeout_ms = 15000\n\
+         [fs]\n\
+         handover_grace_secs = {grace_secs}\n"
+    )
+}
+
+/// Distinct printable content for file `i`.
+fn content(i: usize) -> Vec<u8> {
+    let mut x = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut out = Vec::new();
+    while out.len() < 48 * 1024 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(format!("{x:016x}\n").as_bytes());
+    }
+    out
+}
+
+fn path(i: usize) -> String {
+    format!("/h/f{i}")
+}
+
+fn layer() -> Vec<Entry> {
+    let mut es = vec![Entry::Dir {
+        path: "/h".into(),
+        mode: 0o755,
+    }];
+    for i in 0..FILES {
+        es.push(Entry::File {
+            path: path(i),
+            mode: 0o644,
+            data: content(i),
+        });
+    }
+    // Last in the blob: the tail read at mount holds only this, so the
+    // files above are fetched when read.
+    es.push(Entry::File {
+        path: "/h/zz-filler".into(),
+        mode: 0o644,
+        data: image::noise(3, 1 << 20),
+    });
+    es
+}
+
+struct Stack {
+    proxy: FaultProxy,
+    daemon: Daemon,
+    ctrd: Containerd,
+    reference: String,
+    _registry: Registry,
+}
+
+fn stack(grace_secs: u64) -> Stack {
+    support::require_prerequisites();
+    let mut registry = Registry::start();
+    image::push_estargz(
+        &mut registry,
+        "handover",
+        layer(),
+        &["--chunk-size", "16384"],
+    );
+    let proxy = FaultProxy::start(&registry.host);
+    let daemon = Daemon::start_with_config(Some(&config(grace_secs)));
+    let ctrd = Containerd::start(ContainerdOptions {
+        stargz_proxy: Some(daemon.address.clone()),
+    });
+    let reference = format!("{}/handover/esgz:1", proxy.host);
+    ctrd.rpull_stargz(&reference);
+    Stack {
+        proxy,
+        daemon,
+        ctrd,
+        reference,
+        _registry: registry,
+    }
+}
+
+/// Starts `sleep 600` from the image, detached, and waits until it runs.
+fn start_long_running(s: &Stack) -> String {
+    let id = support::unique_name("long");
+    s.ctrd.run(
+        &["--detach"],
+        "stargz",
+        &s.reference,
+        &id,
+        &["sleep", "600"],
+    );
+    let up = support::wait_for(Duration::from_secs(30), || {
+        s.ctrd
+            .ctr(&["tasks", "ls"])
+            .stdout
+            .lines()
+            .any(|l| l.starts_with(&id) && l.contains("RUNNING"))
+            .then_some(())
+    });
+    assert!(up.is_some(), "{id} never ran");
+    id
+}
+
+/// `ctr tasks exec <id> cat <file>` on another thread; its result arrives
+/// on the returned channel.
+fn exec_cat(s: &Stack, id: &str, file: &str) -> mpsc::Receiver<Result<String, String>> {
+    let (tx, rx) = mpsc::channel();
+    let args: Vec<String> = [
+        "tasks",
+        "exec",
+        "--exec-id",
+        &support::unique_name("cat"),
+        id,
+        "cat",
+        file,
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let ctr = CtrHandle::of(&s.ctrd);
+    std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let r = ctr.try_ctr(&args, HANG).map(|o| o.stdout);
+        let _ = tx.send(r);
+    });
+    rx
+}
+
+/// What a thread needs to run `ctr` against the stack's containerd.
+struct CtrHandle {
+    address: std::path::PathBuf,
+    namespace: String,
+}
+
+impl CtrHandle {
+    fn of(c: &Containerd) -> Self {
+        CtrHandle {
+            address: c.address.clone(),
+            namespace: c.namespace.clone(),
+        }
+    }
+
+    fn try_ctr(
+        &self,
+        args: &[&str],
+        timeout: Duration,
+    ) -> Result<support::proc::CmdOutput, String> {
+        support::proc::run_ok(
+            std::process::Command::new("ctr")
+                .arg("--address")
+                .arg(&self.address)
+                .arg("--namespace")
+                .arg(&self.namespace)
+                .args(args),
+            timeout,
+        )
+    }
+}
+
+fn expect_content(r: Result<String, String>, i: usize, when: &str) {
+    match r {
+        Ok(out) => assert!(
+            out.as_bytes() == content(i).as_slice(),
+            "{when}: {} read {} wrong bytes",
+            path(i),
+            out.len()
+        ),
+        Err(e) => panic!("{when}: reading {} failed: {e}", path(i)),
+    }
+}
+
+fn stop_container(s: &Stack, id: &str) {
+    let _ = s.ctrd.try_ctr(
+        &["tasks", "kill", "--signal", "SIGKILL", id],
+        Duration::from_secs(30),
+    );
+    let _ = support::wait_for(Duration::from_secs(20), || {
+        s.ctrd
+            .try_ctr(&["tasks", "delete", id], Duration::from_secs(20))
+            .ok()
+    });
+    let _ = s
+        .ctrd
+        .try_ctr(&["containers", "delete", id], Duration::from_secs(20));
+}
+
+#[test]
+fn a_running_container_reads_before_during_and_after_daemon_restarts() {
+    let mut s = stack(120);
+    let id = start_long_running(&s);
+    let holder = s.daemon.holder_pid().expect("a FUSE holder runs");
+
+    // Before: a first read through the lazily mounted layer.
+    expect_content(exec_cat(&s, &id, &path(0)).recv().unwrap(), 0, "before");
+
+    // During: the daemon is dead. The read waits in the kernel instead of
+    // failing, and completes once a new daemon has taken over.
+    s.daemon.kill9();
+    let waiting = exec_cat(&s, &id, &path(1));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        waiting.try_recv().is_err(),
+        "the read did not wait for the daemon (answered while none ran)"
+    );
+    s.daemon.start_again();
+    let r = waiting
+        .recv_timeout(HANG)
+        .expect("read finished after the restart");
+    expect_content(r, 1, "during a kill -9 restart");
+    assert_eq!(
+        s.daemon.holder_pid(),
+        Some(holder),
+        "same holder throughout"
+    );
+    assert!(
+        s.daemon
+            .log()
+            .contains("took over the FUSE connection of the previous daemon"),
+        "{}",
+        s.daemon.log_tail()
+    );
+
+    // In flight: the daemon has read the request from the kernel and is
+    // fetching (the registry stalls) when it is killed. The kernel resends
+    // the request to the next daemon.
+    s.proxy
+        .arm(Fault::StallMidBody, Target::RangedBlobGets, Some(1));
+    let injected = s.proxy.injected();
+    let in_flight = exec_cat(&s, &id, &path(2));
+    let stalled = support::wait_for(Duration::from_secs(30), || {
+        (s.proxy.injected() > injected).then_some(())
+    });
+    assert!(stalled.is_some(), "the read never reached the registry");
+    std::thread::sleep(Duration::from_millis(300));
+    s.daemon.kill9();
+    s.proxy.clear();
+    assert!(in_flight.try_recv().is_err(), "answered by a dead daemon?");
+    s.daemon.start_again();
+    let r = in_flight
+        .recv_timeout(HANG)
+        .expect("in-flight read finished after the restart");
+    expect_content(r, 2, "in flight at a kill -9");
+
+    // A clean stop and start (an upgrade): same story.
+    s.daemon.stop();
+    let waiting = exec_cat(&s, &id, &path(3));
+    std::thread::sleep(Duration::from_secs(1));
+    s.daemon.start_again();
+    expect_content(waiting.recv_timeout(HANG).unwrap(), 3, "across SIGTERM");
+
+    // After: the running container and a new one both read.
+    s.ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
+    expect_content(exec_cat(&s, &id, &path(4)).recv().unwrap(), 4, "after");
+    let out = s.ctrd.run(
+        &["--rm"],
+        "stargz",
+        &s.reference,
+        &support::unique_name("new"),
+        &["cat", &path(5)],
+    );
+    assert!(
+        out.stdout.as_bytes() == content(5).as_slice(),
+        "new container"
+    );
+    assert_eq!(s.daemon.holder_pid(), Some(holder));
+    stop_container(&s, &id);
+}
+
+#[test]
+fn an_orphaned_connection_fails_reads_after_the_grace_period_instead_of_hanging() {
+    let mut s = stack(3);
+    let id = start_long_running(&s);
+    let holder = s.daemon.holder_pid().expect("a FUSE holder runs");
+    expect_content(exec_cat(&s, &id, &path(0)).recv().unwrap(), 0, "before");
+
+    s.daemon.kill9();
+    let t = Instant::now();
+    let orphaned = exec_cat(&s, &id, &path(1));
+    let r = orphaned
+        .recv_timeout(HANG)
+        .expect("the read ended (no hang)");
+    let took = t.elapsed();
+    assert!(r.is_err(), "read succeeded with no daemon: {r:?}");
+    assert!(
+        took >= Duration::from_secs(2),
+        "failed before the grace period: {took:?}"
+    );
+    let gone = support::wait_for(Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{holder}")).exists()).then_some(())
+    });
+    assert!(gone.is_some(), "the holder outlived its grace period");
+
+    // The next daemon mounts afresh and new containers work.
+    s.daemon.start_again();
+    s.ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
+    let out = s.ctrd.run(
+        &["--rm"],
+        "stargz",
+        &s.reference,
+        &support::unique_name("new"),
+        &["cat", &path(2)],
+    );
+    assert!(
+        out.stdout.as_bytes() == content(2).as_slice(),
+        "new container"
+    );
+    stop_container(&s, &id);
+}
+
+#[test]
+fn with_handover_off_a_stop_unmounts_and_no_holder_runs() {
+    support::require_prerequisites();
+    let mut registry = Registry::start();
+    image::push_estargz(
+        &mut registry,
+        "handover",
+        layer(),
+        &["--chunk-size", "16384"],
+    );
+    let mut daemon = Daemon::start_with_config(Some("[fs]\nhandover = false\n"));
+    let ctrd = Containerd::start(ContainerdOptions {
+        stargz_proxy: Some(daemon.address.clone()),
+    });
+    let reference = registry.reference("handover/esgz", "1");
+    ctrd.rpull_stargz(&reference);
+    assert!(!daemon.mounts().is_empty());
+    assert_eq!(daemon.holder_pid(), None);
+    daemon.stop();
+    assert!(daemon.mounts().is_empty(), "{:?}", daemon.mounts());
+    daemon.start_again();
+}
