@@ -77,6 +77,9 @@ cleanup() {
     for shim in $(pgrep -f -- "-address $WORK/containerd.sock" 2>/dev/null); do
       kill -KILL "$shim" 2>/dev/null
     done
+    # The daemon leaves its FUSE connection to its holder process for a
+    # successor (docs/restart.md); there is none: end it.
+    pkill -f -- "--fuse-holder $WORK/" 2>/dev/null
     unmount_under "$WORK"
     rm -rf --one-file-system "$WORK"
   fi

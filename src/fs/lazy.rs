@@ -557,10 +557,20 @@ impl LazyFs {
                 return Ok(None);
             }
             let m = MuxMount::mount(&dir, &opts, inflight)?;
-            if let (Some(h), Some((device, init))) = (&handover, m.handover_parts())
-                && let Err(e) = h.park(device, &init)
-            {
-                tracing::warn!(error = %e, "FUSE hand-over unavailable: a restart will break running containers");
+            if let (Some(h), Some((device, init))) = (handover, m.handover_parts()) {
+                // Starting the holder takes a fork and exec: not on the
+                // path of the first Prepare.
+                let device = device.try_clone_to_owned()?;
+                let parked = std::thread::Builder::new()
+                    .name("rstargz-park".into())
+                    .spawn(move || {
+                        if let Err(e) = h.park(std::os::fd::AsFd::as_fd(&device), &init) {
+                            tracing::warn!(error = %e, "FUSE hand-over unavailable: a restart will break running containers");
+                        }
+                    });
+                if let Err(e) = parked {
+                    tracing::warn!(error = %e, "FUSE hand-over unavailable");
+                }
             }
             Ok(Some(m))
         })
