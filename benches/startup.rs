@@ -6,11 +6,14 @@
 //!     [--modes legacy,estargz-noopt,estargz] [--samples 5]
 //!     [--profile 20ms-200mbit|50ms-50mbit|loopback|<N>ms-<M>mbit]
 //!     [--snapshotter NAME[=SOCKET]] [--out DIR] [--no-coldread]
-//!     [--coldread-only] [--background-fetch]
+//!     [--coldread-only] [--background-fetch] [--reference BIN]
 //! ```
 //! Every flag can also be given as `RSTARGZ_BENCH_<FLAG>` (`-` becomes `_`,
 //! upper case), e.g. `RSTARGZ_BENCH_SAMPLES=3`. `RSTARGZ_BENCH_RSTARGZ`
 //! names another `rstargz` binary to convert and optimize the images with.
+//! `--reference BIN` measures the Go reference snapshotter
+//! (`containerd-stargz-grpc` from scripts/reference-snapshotter.sh) instead
+//! of `rstargz-grpc`, started and reset by the bench the same way.
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs a smoke
 //! version instead: a tiny image, one sample, loopback profile, asserting
@@ -19,6 +22,8 @@
 //! See docs/benchmark.md for the method and benches/support/wan.rs for the
 //! network simulation.
 
+#[path = "support/reference.rs"]
+mod reference;
 // Its unit tests are compiled here but only run in the test targets.
 #[allow(unused_imports)]
 #[path = "../tests/support/mod.rs"]
@@ -146,6 +151,8 @@ struct Opts {
     /// Snapshotter under test and, if external, its socket.
     snapshotter: String,
     snapshotter_socket: Option<PathBuf>,
+    /// `containerd-stargz-grpc` to start as the snapshotter under test.
+    reference: Option<PathBuf>,
     out: PathBuf,
     coldread: bool,
     coldread_only: bool,
@@ -188,6 +195,7 @@ fn parse_opts() -> Result<Opts, String> {
         "--no-coldread",
         "--coldread-only",
         "--background-fetch",
+        "--reference",
         "--smoke",
     ];
     // libtest's own flags (`scripts/test.sh` passes `--test-threads=2` to
@@ -251,7 +259,9 @@ fn parse_opts() -> Result<Opts, String> {
     } else {
         Profile::parse(&opt_value(&args, "profile").unwrap_or_else(|| "20ms-200mbit".into()))?
     };
+    let reference = opt_value(&args, "reference").map(PathBuf::from);
     let (snapshotter, snapshotter_socket) = match opt_value(&args, "snapshotter") {
+        None if reference.is_some() => ("stargz-go".to_string(), None),
         None => ("stargz".to_string(), None),
         Some(s) => match s.split_once('=') {
             Some((n, p)) => (n.to_string(), Some(PathBuf::from(p))),
@@ -260,6 +270,11 @@ fn parse_opts() -> Result<Opts, String> {
     };
     if snapshotter == "overlayfs" || snapshotter.is_empty() {
         return Err("--snapshotter must name a proxy snapshotter, not overlayfs".into());
+    }
+    if reference.is_some() && snapshotter_socket.is_some() {
+        return Err(
+            "--reference starts the snapshotter: give --snapshotter NAME, not NAME=SOCKET".into(),
+        );
     }
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -281,6 +296,7 @@ fn parse_opts() -> Result<Opts, String> {
         profile,
         snapshotter,
         snapshotter_socket,
+        reference,
         out,
         coldread: !opt_flag(&args, "no-coldread"),
         coldread_only: opt_flag(&args, "coldread-only"),
@@ -372,6 +388,7 @@ struct Stack {
     // registry and the network.
     ctrd: Containerd,
     daemon: Option<Daemon>,
+    reference: Option<reference::Reference>,
     registry: Registry,
     wan: Wan,
     snapshotter: String,
@@ -432,9 +449,14 @@ impl Stack {
             .unwrap_or_else(|e| panic!("relay: {e}"));
         // Every client (skopeo, containerd, rstargz) goes through the relay.
         registry.host = relay.to_string();
-        let (daemon, socket) = match &opts.snapshotter_socket {
-            Some(s) => (None, s.clone()),
-            None => {
+        let reference = opts
+            .reference
+            .as_deref()
+            .map(|bin| reference::Reference::start(bin, opts.background_fetch));
+        let (daemon, socket) = match (&opts.snapshotter_socket, &reference) {
+            (Some(s), _) => (None, s.clone()),
+            (None, Some(r)) => (None, r.address.clone()),
+            (None, None) => {
                 let d = Daemon::start_with_config(Some(&daemon_config(opts.background_fetch)));
                 let a = d.address.clone();
                 (Some(d), a)
@@ -457,6 +479,7 @@ impl Stack {
         Stack {
             ctrd,
             daemon,
+            reference,
             registry,
             wan,
             snapshotter: opts.snapshotter.clone(),
@@ -612,6 +635,10 @@ impl Stack {
                         .unwrap_or_else(|e| panic!("remove {}: {e}", cache.display()));
                 }
             });
+            self.wait_snapshotter_serving();
+        }
+        if let Some(r) = self.reference.as_mut() {
+            r.restart_cold();
             self.wait_snapshotter_serving();
         }
         // Best effort: an unprivileged run simply keeps the page cache.
@@ -838,12 +865,17 @@ fn markdown(res: &Results) -> String {
         return s;
     }
     let mut s = format!(
-        "### Start-up, profile `{}` ({} cold samples per row, median / p95 seconds)\n\n\
+        "### Start-up, profile `{}`, lazy snapshotter `{}` ({} cold samples per row, \
+         median / p95 seconds)\n\n\
          Measured profile: connect + first request {:.1} ms, ping RTT {:.1} ms \
          (min {:.1}, max {:.1}), bulk {:.0} Mbit/s over {:.1} MB.\n\n\
          | image | mode | pull | create | run | total | MB fetched | requests | image MB | bound s |\n\
          |---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         res.profile,
+        res.rows
+            .iter()
+            .find(|r| r.mode != Mode::Legacy)
+            .map_or("none", |r| r.snapshotter.as_str()),
         res.samples,
         m.connect_first_request_ms,
         m.ping_rtt_ms,
