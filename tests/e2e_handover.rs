@@ -359,3 +359,30 @@ fn with_handover_off_a_stop_unmounts_and_no_holder_runs() {
     assert!(daemon.mounts().is_empty(), "{:?}", daemon.mounts());
     daemon.start_again();
 }
+
+#[test]
+fn a_holder_killed_under_a_live_daemon_is_replaced() {
+    let mut s = stack(120);
+    let id = start_long_running(&s);
+    let first = support::wait_for(Duration::from_secs(10), || s.daemon.holder_pid())
+        .expect("a FUSE holder runs");
+    support::proc::signal(first, libc::SIGKILL);
+    // The daemon notices and parks the connection with a new holder.
+    let second = support::wait_for(Duration::from_secs(20), || {
+        s.daemon.holder_pid().filter(|p| *p != first)
+    })
+    .unwrap_or_else(|| panic!("no new holder; log:\n{}", s.daemon.log_tail()));
+    assert_ne!(first, second);
+    // And a crash after that still loses nothing.
+    s.daemon.kill9();
+    let waiting = exec_cat(&s, &id, &path(6));
+    std::thread::sleep(Duration::from_secs(1));
+    s.daemon.start_again();
+    expect_content(
+        waiting.recv_timeout(HANG).unwrap(),
+        6,
+        "after the holder was replaced",
+    );
+    assert_eq!(s.daemon.holder_pid(), Some(second));
+    stop_container(&s, &id);
+}

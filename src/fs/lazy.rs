@@ -543,6 +543,7 @@ impl LazyFs {
                     Ok(Some((device, init))) => {
                         match MuxMount::adopt(&dir, device, &init, &opts, inflight) {
                             Ok(m) => {
+                                h.watch();
                                 tracing::info!(dir = %dir.display(), "took over the FUSE connection of the previous daemon");
                                 return Ok(Some(m));
                             }
@@ -564,8 +565,9 @@ impl LazyFs {
                 let parked = std::thread::Builder::new()
                     .name("rstargz-park".into())
                     .spawn(move || {
-                        if let Err(e) = h.park(std::os::fd::AsFd::as_fd(&device), &init) {
-                            tracing::warn!(error = %e, "FUSE hand-over unavailable: a restart will break running containers");
+                        match h.park(std::os::fd::AsFd::as_fd(&device), &init) {
+                            Ok(()) => h.watch(),
+                            Err(e) => tracing::warn!(error = %e, "FUSE hand-over unavailable: a restart will break running containers"),
                         }
                     });
                 if let Err(e) = parked {

@@ -110,6 +110,7 @@ mod tests {
             minor: 45,
             flags: 0x0000_0003_0000_0001,
             max_readahead: 131072,
+            inode_layout: 1,
         });
         assert_eq!(b.len(), 104);
         let u32_at = |o: usize| u32::from_ne_bytes(b[o..o + 4].try_into().unwrap());

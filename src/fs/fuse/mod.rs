@@ -33,7 +33,7 @@ use fuser::{FileAttr, INodeNo};
 use tokio::sync::Semaphore;
 
 pub use mount::{MountHandle, MountOptions, Unmounted, mount, unmount};
-pub use mux::{MuxMount, SLOT_BITS, is_mounted_here, slot_base};
+pub use mux::{INODE_LAYOUT, MuxMount, SLOT_BITS, is_mounted_here, slot_base};
 pub use read::ReadStats;
 
 use crate::estargz::reader::{Index, Node, NodeId, NodeKind};

@@ -41,6 +41,10 @@ use crate::fs::handover::KernelInit;
 
 /// Bits of an inode number that belong to the layer; the slot is above.
 pub const SLOT_BITS: u32 = 32;
+/// Version of the inode numbering (slot in the high bits, TOC node + 1 in
+/// the low bits, whiteouts after the last node). A daemon only takes over a
+/// connection whose numbering it shares; change this with the scheme.
+pub const INODE_LAYOUT: u32 = 1;
 const ROOT: INodeNo = INodeNo(1);
 /// The root's listing changes as layers come and go: cache it briefly.
 const ROOT_TTL: Duration = Duration::from_secs(1);
@@ -159,6 +163,7 @@ impl Filesystem for MuxFs {
             flags: config.capabilities().bits(),
             // fuser does not tell; only used to replay the handshake.
             max_readahead: 128 << 10,
+            inode_layout: INODE_LAYOUT,
         });
         negotiate(config, self.max_inflight_reads);
         Ok(())
@@ -463,6 +468,15 @@ impl MuxMount {
         opts: &MountOptions,
         max_inflight_reads: usize,
     ) -> io::Result<Self> {
+        if init.inode_layout != INODE_LAYOUT {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "the parked connection numbers inodes by layout {}, this daemon by {INODE_LAYOUT}",
+                    init.inode_layout
+                ),
+            ));
+        }
         if !is_mounted_here(dir) {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -688,6 +702,29 @@ mod tests {
             Some(7)
         );
         assert_eq!(slot_of(INodeNo(slot_base(u32::MAX) + 5)), Some(u32::MAX));
+    }
+
+    #[test]
+    fn a_connection_numbered_differently_is_not_adopted() {
+        let d = tempfile::tempdir().unwrap();
+        let device: OwnedFd = tempfile::tempfile().unwrap().into();
+        let init = KernelInit {
+            major: 7,
+            minor: 45,
+            flags: 0,
+            max_readahead: 0,
+            inode_layout: INODE_LAYOUT + 1,
+        };
+        let e = MuxMount::adopt(d.path(), device, &init, &MountOptions::default(), 8).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+        // Same layout, but nothing mounted there: refused as well.
+        let device: OwnedFd = tempfile::tempfile().unwrap().into();
+        let init = KernelInit {
+            inode_layout: INODE_LAYOUT,
+            ..init
+        };
+        let e = MuxMount::adopt(d.path(), device, &init, &MountOptions::default(), 8).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}");
     }
 
     #[test]

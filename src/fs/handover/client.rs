@@ -5,8 +5,11 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
 use super::wire::{self, Reply, Request};
 use super::{HandoverError, KernelInit};
@@ -50,6 +53,12 @@ pub struct Handover {
     socket: PathBuf,
     command: HolderCommand,
     conn: Mutex<Option<OwnedFd>>,
+    /// What this daemon serves (a duplicate of the device fd), to park
+    /// again with a new holder if the current one dies.
+    serving: Mutex<Option<(OwnedFd, KernelInit)>>,
+    watching: AtomicBool,
+    /// Set by [`Handover::release`]: the holder's exit is expected.
+    releasing: AtomicBool,
 }
 
 impl Handover {
@@ -58,6 +67,77 @@ impl Handover {
             socket,
             command,
             conn: Mutex::new(None),
+            serving: Mutex::new(None),
+            watching: AtomicBool::new(false),
+            releasing: AtomicBool::new(false),
+        }
+    }
+
+    /// Keeps a holder for as long as this daemon lives: if the holder dies
+    /// (killed, OOM), a new one is started and the connection parked with
+    /// it again, so a later crash of the daemon still loses nothing. Runs on
+    /// a thread of its own; returns at once.
+    pub fn watch(self: &Arc<Self>) {
+        if self.watching.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let me = Arc::downgrade(self);
+        let spawned = std::thread::Builder::new()
+            .name("rstargz-holder-watch".into())
+            .spawn(move || {
+                loop {
+                    let Some(h) = me.upgrade() else { return };
+                    let conn = h.lock().as_ref().and_then(|c| c.try_clone().ok());
+                    drop(h);
+                    if let Some(conn) = conn {
+                        // The holder never speaks unprompted: readable
+                        // means it closed the connection.
+                        let mut fds = [PollFd::new(conn.as_fd(), PollFlags::POLLIN)];
+                        if matches!(poll(&mut fds, PollTimeout::NONE), Err(nix::Error::EINTR)) {
+                            continue;
+                        }
+                    } else {
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    let Some(h) = me.upgrade() else { return };
+                    if h.releasing.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if let Err(e) = h.repark() {
+                        tracing::warn!(error = %e, "FUSE holder lost and not replaced; retrying");
+                        std::thread::sleep(Duration::from_secs(5));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot watch the FUSE holder");
+        }
+    }
+
+    fn repark(&self) -> Result<(), HandoverError> {
+        let parts = {
+            let s = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+            match &*s {
+                Some((fd, init)) => Some((
+                    fd.try_clone().map_err(|source| HandoverError::Socket {
+                        what: "dup",
+                        source,
+                    })?,
+                    init.clone(),
+                )),
+                None => None,
+            }
+        };
+        let Some((device, init)) = parts else {
+            return Ok(());
+        };
+        tracing::warn!("the FUSE holder went away; parking the connection with a new one");
+        self.park(device.as_fd(), &init)
+    }
+
+    fn remember(&self, device: BorrowedFd<'_>, init: &KernelInit) {
+        if let Ok(dup) = device.try_clone_to_owned() {
+            *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some((dup, init.clone()));
         }
     }
 
@@ -101,7 +181,8 @@ impl Handover {
                 )));
             }
         };
-        if taken.is_some() {
+        if let Some((fd, init)) = &taken {
+            self.remember(fd.as_fd(), init);
             *self.lock() = Some(conn);
         }
         Ok(taken)
@@ -117,6 +198,7 @@ impl Handover {
         let req = Request::Park { init: init.clone() };
         match self.request(conn.as_fd(), &req, Some(device))? {
             (Reply::Ok, _) => {
+                self.remember(device, init);
                 *self.lock() = Some(conn);
                 Ok(())
             }
@@ -129,6 +211,8 @@ impl Handover {
     /// Tells the holder to close the connection and exit: this daemon has
     /// unmounted everything. Nothing to do if no holder runs. Blocking.
     pub fn release(&self) -> Result<(), HandoverError> {
+        self.releasing.store(true, Ordering::SeqCst);
+        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let conn = match self.lock().take() {
             Some(c) => c,
             None => match wire::connect_to(&self.socket)? {

@@ -34,6 +34,11 @@ pub struct KernelInit {
     /// Capability flags, both 32-bit halves.
     pub flags: u64,
     pub max_readahead: u32,
+    /// How the parking daemon numbered inodes
+    /// ([`crate::fs::fuse::INODE_LAYOUT`]); a daemon numbering them
+    /// differently must not take the connection over.
+    #[serde(default)]
+    pub inode_layout: u32,
 }
 
 /// Why a hand-over step failed.
@@ -69,6 +74,7 @@ mod tests {
             minor: 45,
             flags: 0xfeed,
             max_readahead: 1 << 17,
+            inode_layout: 1,
         }
     }
 

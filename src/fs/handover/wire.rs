@@ -205,6 +205,7 @@ mod tests {
             minor: 45,
             flags: 0x1234_5678_9abc,
             max_readahead: 131072,
+            inode_layout: 1,
         };
         send(
             a.as_fd(),
