@@ -323,6 +323,27 @@ async fn memory_cache_stays_within_its_byte_bound() {
     assert!(caches.memory.len() >= 4, "the cache is used");
 }
 
+#[tokio::test]
+async fn a_removed_layer_leaves_the_memory_cache() {
+    let a = noise(256 << 10, 5);
+    let b = noise(256 << 10, 6);
+    let caches = Caches::memory_only(64 << 20);
+    let fa = Fake::new(build(&[Spec::File("a", &a, 32 << 10, false)]));
+    let fb = Fake::new(build(&[Spec::File("b", &b, 32 << 10, false)]));
+    let la = Arc::new(open(&fa, cfg(), caches.clone()).await);
+    let lb = Arc::new(open(&fb, cfg(), caches.clone()).await);
+    let ia = la.index().lookup("a").unwrap();
+    let ib = lb.index().lookup("b").unwrap();
+    assert_eq!(read_all(&la, ia, a.len() as u64).await, a);
+    assert_eq!(read_all(&lb, ib, b.len() as u64).await, b);
+    let before = caches.memory.len();
+    let dropped = la.forget_memory();
+    assert!(dropped >= 8, "a's chunks were cached: {dropped}");
+    assert_eq!(caches.memory.len(), before - dropped, "only a's chunks go");
+    assert_eq!(lb.forget_memory(), before - dropped, "b's are still there");
+    assert_eq!(caches.memory.len(), 0);
+}
+
 fn disk_caches(dir: &std::path::Path, disk: u64) -> Caches {
     Caches {
         memory: Arc::new(MemoryCache::new(64 << 20)),

@@ -624,6 +624,16 @@ impl LazyFs {
     }
 }
 
+/// Returns free heap memory to the system (glibc keeps freed memory in its
+/// arenas otherwise).
+fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only releases memory no allocation refers to.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn first_label<'a>(labels: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a str> {
     keys.iter()
         .find_map(|k| labels.get(*k))
@@ -680,9 +690,21 @@ impl RemoteFs for LazyFs {
                 let shared = self.lock().values().any(|o| o.digest == m.digest);
                 if !shared {
                     let (tails, d) = (self.tails.clone(), m.digest.clone());
-                    let _ = tokio::task::spawn_blocking(move || tails.remove(&d)).await;
+                    let layer = m.layer.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        tails.remove(&d);
+                        let dropped = layer.forget_memory();
+                        tracing::debug!(digest = %d, dropped, "layer's chunks dropped from memory");
+                    })
+                    .await;
                 }
-                self.release(m, mountpoint, true).await
+                self.release(m, mountpoint, true).await;
+                if self.lock().is_empty() {
+                    // Nothing mounted: hand what the allocator keeps of the
+                    // freed indexes and buffers back to the system, so an
+                    // idle daemon is as small as a fresh one.
+                    let _ = tokio::task::spawn_blocking(trim_heap).await;
+                }
             }
             None => {
                 let path = mountpoint.to_path_buf();

@@ -421,6 +421,25 @@ impl<F: RangeFetcher + 'static> Layer<F> {
         self.inner.cancel.cancel();
     }
 
+    /// Drops this layer's chunks from the shared memory cache (the layer
+    /// is gone; the disk cache keeps them for a later pull). A chunk another
+    /// mounted layer shares is dropped too and comes back from the disk
+    /// cache on its next read. Returns how many were there. Blocking-ish:
+    /// one pass over the TOC's chunks.
+    pub fn forget_memory(&self) -> usize {
+        let memory = &self.inner.caches.memory;
+        let mut n = 0;
+        for c in self.inner.index.all_chunks() {
+            if let Some(d) = c.chunk_digest
+                && memory.contains(&d)
+            {
+                memory.remove(&d);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Reads up to `size` bytes of regular file `node` from `offset`.
     pub async fn read_at(&self, node: NodeId, offset: u64, size: u32) -> Result<Bytes, ReadError> {
         read(&self.inner, node, offset, size).await
