@@ -624,16 +624,6 @@ impl LazyFs {
     }
 }
 
-/// Returns free heap memory to the system (glibc keeps freed memory in its
-/// arenas otherwise).
-fn trim_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only releases memory no allocation refers to.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 fn first_label<'a>(labels: &'a HashMap<String, String>, keys: &[&str]) -> Option<&'a str> {
     keys.iter()
         .find_map(|k| labels.get(*k))
@@ -703,7 +693,7 @@ impl RemoteFs for LazyFs {
                     // Nothing mounted: hand what the allocator keeps of the
                     // freed indexes and buffers back to the system, so an
                     // idle daemon is as small as a fresh one.
-                    let _ = tokio::task::spawn_blocking(trim_heap).await;
+                    let _ = tokio::task::spawn_blocking(crate::fs::trim_heap).await;
                 }
             }
             None => {

@@ -143,6 +143,11 @@ fn reap(table: &Table, slot: u32) {
     {
         t.remove(&slot);
         tracing::debug!(slot, "layer slot released");
+        if t.is_empty() {
+            drop(t);
+            // The last layer's index is freed now (the kernel let go).
+            crate::fs::trim_heap();
+        }
     }
 }
 
