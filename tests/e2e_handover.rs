@@ -290,7 +290,12 @@ fn a_running_container_reads_before_during_and_after_daemon_restarts() {
     );
     assert!(
         out.stdout.as_bytes() == content(5).as_slice(),
-        "new container"
+        "new container read {} bytes, want {}: {:?}… stderr {:?}\n{}",
+        out.stdout.len(),
+        content(5).len(),
+        &out.stdout[..out.stdout.len().min(80)],
+        out.stderr,
+        s.daemon.log_tail()
     );
     assert_eq!(s.daemon.holder_pid(), Some(holder));
     stop_container(&s, &id);

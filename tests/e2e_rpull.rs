@@ -259,6 +259,11 @@ fn rpull_estargz_through_rstargz_then_run_and_gc() {
         heads_before_restart,
         "the remount asked the registry for blob sizes"
     );
+    // The restarted daemon took over the FUSE connection, and with it the
+    // kernel's page cache of what was read: drop that, so the reads below
+    // reach the daemon and its disk cache.
+    let _ = std::process::Command::new("sync").status();
+    std::fs::write("/proc/sys/vm/drop_caches", "1\n").expect("drop the page cache (root)");
     // A new container from the already pulled image sees the right files,
     // from the disk cache the first daemon filled: the registry serves the
     // remount's tail reads (footer, TOC) and nothing for the files read.
