@@ -232,10 +232,16 @@ fn a_running_container_reads_before_during_and_after_daemon_restarts() {
         waiting.try_recv().is_err(),
         "the read did not wait for the daemon (answered while none ran)"
     );
+    let t = Instant::now();
     s.daemon.start_again();
+    let up = t.elapsed();
     let r = waiting
         .recv_timeout(HANG)
         .expect("read finished after the restart");
+    eprintln!(
+        "waiting read answered {:?} after the restart began (daemon listening after {up:?})",
+        t.elapsed()
+    );
     expect_content(r, 1, "during a kill -9 restart");
     assert_eq!(
         s.daemon.holder_pid(),
