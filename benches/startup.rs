@@ -650,6 +650,27 @@ impl Stack {
         );
     }
 
+    /// `RSTARGZ_BENCH_TRACE`: the registry requests of the sample (from
+    /// access-log entry `r0` on) and the daemon's log, for profiling.
+    fn trace(&self, r0: usize) {
+        for e in self.registry.access_log().iter().skip(r0) {
+            eprintln!("    req {} {} {} {}", e.method, e.status, e.bytes, e.path);
+        }
+        if let Some(d) = &self.daemon {
+            for l in d
+                .log()
+                .lines()
+                .rev()
+                .take(200)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                eprintln!("    log {l}");
+            }
+        }
+    }
+
     /// One cold start of `reference` in `mode`; checks the output.
     fn sample(&mut self, spec: &ImageSpec, mode: Mode, reference: &str, id: &str) -> Sample {
         self.make_cold();
@@ -745,6 +766,9 @@ impl Stack {
                 spec.name,
                 mode.name()
             );
+        }
+        if std::env::var_os("RSTARGZ_BENCH_TRACE").is_some() {
+            self.trace(r0);
         }
         let _ = c.try_ctr(&["tasks", "delete", "--force", id], Duration::from_secs(30));
         let _ = c.try_ctr(&["containers", "delete", id], Duration::from_secs(30));
