@@ -50,6 +50,12 @@ struct ImageSpec {
     cmd: &'static [&'static str],
     /// A line the command's output must contain.
     expect: &'static str,
+    /// The image this one extends (its layers come first); `None`: the
+    /// bare Debian minbase layer.
+    parent: Option<&'static str>,
+    /// Path prefixes that get a layer of their own above the layer with
+    /// the rest of what this image adds (tests/support/layering.rs).
+    split: &'static [&'static [&'static str]],
 }
 
 const IMAGES: &[ImageSpec] = &[
@@ -58,6 +64,9 @@ const IMAGES: &[ImageSpec] = &[
         packages: &["python3"],
         cmd: &["python3", "-c", "print(\"hello\")"],
         expect: "hello",
+        // minbase, python3's libraries and tools, its standard library.
+        parent: None,
+        split: &[&["usr/lib/python3.11"]],
     },
     ImageSpec {
         name: "gcc",
@@ -69,12 +78,17 @@ const IMAGES: &[ImageSpec] = &[
              >/tmp/h.c && gcc -o /tmp/h /tmp/h.c && /tmp/h",
         ],
         expect: "hello",
+        // minbase, binutils and libraries, the compiler proper.
+        parent: None,
+        split: &[&["usr/lib/gcc", "usr/libexec/gcc"]],
     },
     ImageSpec {
         name: "node",
         packages: &["nodejs"],
         cmd: &["node", "-e", "console.log(\"ready\")"],
         expect: "ready",
+        parent: None,
+        split: &[],
     },
     ImageSpec {
         name: "datascience",
@@ -85,6 +99,12 @@ const IMAGES: &[ImageSpec] = &[
             "import numpy, pandas; print(\"numpy\", numpy.__version__, \"pandas\", pandas.__version__)",
         ],
         expect: "pandas",
+        // python's three layers, then pandas and libraries, numpy, scipy.
+        parent: Some("python"),
+        split: &[
+            &["usr/lib/python3/dist-packages/numpy"],
+            &["usr/lib/python3/dist-packages/scipy"],
+        ],
     },
 ];
 
@@ -93,6 +113,8 @@ const SMOKE_IMAGE: ImageSpec = ImageSpec {
     packages: &[],
     cmd: &["/bin/sh", "-c", "echo hello"],
     expect: "hello",
+    parent: None,
+    split: &[],
 };
 
 /// Where the 1 MB file of the cold-read image lives.
@@ -479,14 +501,18 @@ impl Stack {
     /// for the eStargz modes. Returns the compressed size per mode.
     fn prepare_image(&mut self, spec: &ImageSpec, modes: &[Mode]) -> BTreeMap<Mode, u64> {
         let t = Instant::now();
+        let tars = self.work.path().join(format!("layers-{}", spec.name));
         let layers = if spec.packages.is_empty() {
             vec![Layer::Entries(tiny_entries())]
         } else {
-            let r = support::rootfs::debian_rootfs_with(spec.name, spec.packages);
-            vec![Layer::TarFile(r.path)]
+            image_layers(spec, &tars)
+                .into_iter()
+                .map(Layer::TarFile)
+                .collect()
         };
         let dir = self.work.path().join(format!("oci-{}", spec.name));
         let layout = build_oci_layout(&dir, "legacy", &layers, spec.cmd);
+        let _ = std::fs::remove_dir_all(&tars);
         let repo = format!("bench/{}", spec.name);
         let src = self.registry.push_oci_layout(&layout.dir, "legacy", &repo);
         let _ = std::fs::remove_dir_all(&dir);
@@ -519,8 +545,9 @@ impl Stack {
             sizes.insert(m, self.image_size(&repo, m.tag()));
         }
         eprintln!(
-            "prepared image {} in {:.1}s: {}",
+            "prepared image {} ({} layers) in {:.1}s: {}",
             spec.name,
+            layers.len(),
             t.elapsed().as_secs_f64(),
             sizes
                 .iter()
@@ -785,6 +812,28 @@ impl Stack {
         );
         s
     }
+}
+
+/// The layer tars of a Debian image, bottom first, written under `dir`:
+/// minbase, then what each image of the `parent` chain adds over the one
+/// below, split by its `split` prefixes.
+fn image_layers(spec: &ImageSpec, dir: &Path) -> Vec<PathBuf> {
+    let (mut layers, lower) = match spec.parent {
+        None => {
+            let base = support::rootfs::debian_rootfs().path;
+            (vec![base.clone()], base)
+        }
+        Some(p) => {
+            let parent = IMAGES.iter().find(|s| s.name == p).expect("parent image");
+            let lower = support::rootfs::debian_rootfs_with(parent.name, parent.packages).path;
+            (image_layers(parent, dir), lower)
+        }
+    };
+    let upper = support::rootfs::debian_rootfs_with(spec.name, spec.packages).path;
+    layers.extend(support::layering::diff_layers(
+        &lower, &upper, dir, spec.name, spec.split,
+    ));
+    layers
 }
 
 /// The tiny smoke / cold-read image: the host's `dash` and the C library

@@ -1159,3 +1159,41 @@ async fn streamed_prefetch_serves_the_first_files_before_the_range_ends() {
     assert_eq!(calls.len(), 1, "one streamed prefetch request: {calls:?}");
     assert!(layer.stats().chunks_prefetched >= 10);
 }
+
+/// A miss also fetches the chunks of the same directory just before it
+/// (read-behind): a package whose files are read in another order than
+/// the blob's costs one request, and files of other directories before it
+/// are left alone.
+#[tokio::test]
+async fn read_ahead_also_covers_the_directory_before_a_miss() {
+    let other = noise(8 << 10, 1);
+    let pkg: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("pkg/sub/f{i}"), noise(4 << 10, 10 + i as u64)))
+        .collect();
+    let mut specs = vec![
+        Spec::Dir("other"),
+        Spec::File("other/x", &other, 0, false),
+        Spec::Dir("pkg"),
+        Spec::Dir("pkg/sub"),
+    ];
+    for (n, d) in &pkg {
+        specs.push(Spec::File(n, d, 0, false));
+    }
+    let fake = Fake::new(build(&specs));
+    let c = LayerConfig {
+        read_ahead_bytes: 512 << 10,
+        ..cfg()
+    };
+    let layer = Arc::new(open(&fake, c, Caches::memory_only(64 << 20)).await);
+    // The last file first, then the others in reverse blob order. The
+    // first miss's chunk and its read-behind go in two concurrent
+    // requests (read-ahead never delays the chunk a reader waits for).
+    for (i, (n, d)) in pkg.iter().rev().enumerate() {
+        let id = layer.index().lookup(n).unwrap();
+        assert_eq!(&read_all(&layer, id, d.len() as u64).await, d);
+        assert_eq!(fake.count(), 2, "after read {i}: {:?}", fake.calls());
+    }
+    let id = layer.index().lookup("other/x").unwrap();
+    assert_eq!(read_all(&layer, id, other.len() as u64).await, other);
+    assert_eq!(fake.count(), 3, "other/x was not read behind");
+}

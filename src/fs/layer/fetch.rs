@@ -332,6 +332,55 @@ fn read_ahead<F>(inner: &Inner<F>, leads: &mut Vec<Lead>) {
         leads.push(l);
     }
     window.ended_at(end);
+    drop(window);
+    read_behind(inner, leads, base);
+}
+
+/// The directory part of a TOC path (`""` at the top).
+fn dir_of(name: &str) -> &str {
+    name.rsplit_once('/').map_or("", |(d, _)| d)
+}
+
+/// Extends an on-demand job backwards, in blob order, over the chunks of
+/// the missed file's directory (and its subdirectories) that lie just
+/// before it, up to `budget` compressed bytes. Module loaders (Python's
+/// imports) read a package's files in an order unrelated to the blob's
+/// (tar order is readdir order), so the files before a miss are as likely
+/// to come next as the files after it, which forward read-ahead covers.
+fn read_behind<F>(inner: &Inner<F>, leads: &mut Vec<Lead>, budget: u64) {
+    let Some(first) = leads
+        .iter()
+        .filter(|l| l.kind == Kind::OnDemand)
+        .min_by_key(|l| key_of(&l.chunk))
+    else {
+        return;
+    };
+    let dir = dir_of(&first.chunk.name).to_string();
+    let Ok(pos) = inner
+        .order
+        .binary_search_by_key(&key_of(&first.chunk), key_of)
+    else {
+        return;
+    };
+    let mut budget = budget;
+    let mut start = first.chunk.compressed_offset;
+    for c in inner.order[..pos].iter().rev() {
+        let d = dir_of(&c.name);
+        let inside =
+            d == dir || (d.starts_with(&dir) && d.as_bytes().get(dir.len()) == Some(&b'/'));
+        if !inside || c.compressed_end < start || budget < c.compressed_len() {
+            break;
+        }
+        if c.chunk_digest.is_some_and(|d| is_cached(inner, &d)) {
+            break;
+        }
+        let Some(l) = inner.flights.try_lead(c, Kind::ReadAhead) else {
+            break;
+        };
+        budget -= c.compressed_len();
+        start = start.min(c.compressed_offset);
+        leads.push(l);
+    }
 }
 
 fn is_cached<F>(inner: &Inner<F>, d: &Digest) -> bool {
