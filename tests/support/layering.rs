@@ -222,6 +222,9 @@ pub fn diff_layers(
         h.set_entry_type(tar::EntryType::Regular);
         h.set_mode(0o644);
         h.set_size(0);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
         o.builder
             .append_data(&mut h, format!("{parent}.wh.{base}"), &[][..])
             .expect("append whiteout");
@@ -249,12 +252,16 @@ mod tests {
             h.set_entry_type(tar::EntryType::Directory);
             h.set_mode(0o755);
             h.set_size(0);
+            h.set_uid(0);
+            h.set_gid(0);
             b.append_data(&mut h, format!("{d}/"), &[][..]).unwrap();
         }
         for (p, d) in entries {
             let mut h = tar::Header::new_gnu();
             h.set_mode(0o644);
             h.set_size(d.len() as u64);
+            h.set_uid(0);
+            h.set_gid(0);
             b.append_data(&mut h, p, *d).unwrap();
         }
         b.into_inner().unwrap()
