@@ -814,6 +814,13 @@ impl Stack {
     }
 }
 
+/// debootstrap leaves the downloaded packages in the minbase rootfs (32
+/// MB); the package rootfs have them cleaned. Left out of every layer, so
+/// the base layer is not padded with files the image deletes again.
+fn apt_archive(path: &str) -> bool {
+    path.starts_with("var/cache/apt/archives/") && path.ends_with(".deb")
+}
+
 /// The layer tars of a Debian image, bottom first, written under `dir`:
 /// minbase, then what each image of the `parent` chain adds over the one
 /// below, split by its `split` prefixes.
@@ -821,7 +828,9 @@ fn image_layers(spec: &ImageSpec, dir: &Path) -> Vec<PathBuf> {
     let (mut layers, lower) = match spec.parent {
         None => {
             let base = support::rootfs::debian_rootfs().path;
-            (vec![base.clone()], base)
+            let layer =
+                support::layering::diff_layers(None, &base, dir, "minbase", &[], &apt_archive);
+            (layer, base)
         }
         Some(p) => {
             let parent = IMAGES.iter().find(|s| s.name == p).expect("parent image");
@@ -831,7 +840,12 @@ fn image_layers(spec: &ImageSpec, dir: &Path) -> Vec<PathBuf> {
     };
     let upper = support::rootfs::debian_rootfs_with(spec.name, spec.packages).path;
     layers.extend(support::layering::diff_layers(
-        &lower, &upper, dir, spec.name, spec.split,
+        Some(&lower),
+        &upper,
+        dir,
+        spec.name,
+        spec.split,
+        &apt_archive,
     ));
     layers
 }

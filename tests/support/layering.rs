@@ -48,8 +48,8 @@ fn sig_of(h: &tar::Header, data: &[u8]) -> Sig {
 }
 
 /// Every entry of a tar: normalized path -> (header, data). Regular-file
-/// data only; the rest has none.
-fn read_all(tar_path: &Path) -> Vec<(String, tar::Header, Vec<u8>)> {
+/// data only; the rest has none. Paths `skip` accepts are left out.
+fn read_all(tar_path: &Path, skip: &dyn Fn(&str) -> bool) -> Vec<(String, tar::Header, Vec<u8>)> {
     let f = std::fs::File::open(tar_path)
         .unwrap_or_else(|e| panic!("open {}: {e}", tar_path.display()));
     let mut ar = tar::Archive::new(std::io::BufReader::new(f));
@@ -57,6 +57,9 @@ fn read_all(tar_path: &Path) -> Vec<(String, tar::Header, Vec<u8>)> {
     for e in ar.entries().expect("tar entries") {
         let mut e = e.expect("tar entry");
         let path = normalize(&e.path().expect("entry path").to_string_lossy());
+        if skip(&path) {
+            continue;
+        }
         let mut data = Vec::new();
         if e.header().entry_type().is_file() {
             e.read_to_end(&mut data).expect("read tar entry");
@@ -84,28 +87,32 @@ struct Out {
     path: PathBuf,
 }
 
-/// Writes the difference of rootfs tar `upper` over `lower` as layer tars
-/// in `dir`: `groups` are lists of path prefixes (normalized, e.g.
+/// Writes the difference of rootfs tar `upper` over `lower` (`None`: an
+/// empty rootfs, so all of `upper`) as layer tars in `dir`, both read
+/// without the paths `skip` accepts: `groups` are lists of path prefixes (normalized, e.g.
 /// `usr/lib/python3/dist-packages/numpy`, matching every path that starts
 /// with it), each a layer of its own on top
 /// of a first layer holding everything else. Returns the layer tars,
 /// bottom first (`1 + groups.len()` of them).
 pub fn diff_layers(
-    lower: &Path,
+    lower: Option<&Path>,
     upper: &Path,
     dir: &Path,
     name: &str,
     groups: &[&[&str]],
+    skip: &dyn Fn(&str) -> bool,
 ) -> Vec<PathBuf> {
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-    let low: HashMap<String, Sig> = read_all(lower)
+    let low: HashMap<String, Sig> = lower
+        .map(|l| read_all(l, skip))
+        .unwrap_or_default()
         .into_iter()
         .map(|(p, h, d)| {
             let s = sig_of(&h, &d);
             (p, s)
         })
         .collect();
-    let up = read_all(upper);
+    let up = read_all(upper, skip);
     let up_index: HashMap<&str, usize> = up
         .iter()
         .enumerate()
@@ -301,12 +308,19 @@ mod tests {
             ),
         )
         .unwrap();
-        let out = diff_layers(&low, &up, &dir.path().join("out"), "t", &[&["b/new"]]);
-        assert_eq!(out.len(), 2);
-        assert_eq!(
-            names(&out[0]),
-            vec!["b", "c", "a/changed", "c/y", "a/.wh.gone"]
+        let out = diff_layers(
+            Some(&low),
+            &up,
+            &dir.path().join("out"),
+            "t",
+            &[&["b/new"]],
+            &|p| p == "c/y",
         );
+        assert_eq!(out.len(), 2);
+        assert_eq!(names(&out[0]), vec!["b", "c", "a/changed", "a/.wh.gone"]);
         assert_eq!(names(&out[1]), vec!["b", "b/new", "b/new/x"]);
+        // No lower rootfs: everything, as one layer.
+        let all = diff_layers(None, &low, &dir.path().join("all"), "a", &[], &|_| false);
+        assert_eq!(names(&all[0]), vec!["a", "a/same", "a/changed", "a/gone"]);
     }
 }
