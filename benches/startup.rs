@@ -10,7 +10,9 @@
 //! ```
 //! Every flag can also be given as `RSTARGZ_BENCH_<FLAG>` (`-` becomes `_`,
 //! upper case), e.g. `RSTARGZ_BENCH_SAMPLES=3`. `RSTARGZ_BENCH_RSTARGZ`
-//! names another `rstargz` binary to convert and optimize the images with.
+//! names another `rstargz` binary to convert and optimize the images with;
+//! `RSTARGZ_BENCH_TRACE=1` prints each sample's requests and daemon log;
+//! `RSTARGZ_BENCH_LAYER_CONFIG` adds `[layer]` keys to the daemon's config.
 //!
 //! Under `cargo test --all-targets` (no `--bench` argument) it runs a smoke
 //! version instead: a tiny image, one sample, loopback profile, asserting
@@ -439,8 +441,11 @@ impl Drop for Stack {
     }
 }
 
+/// `RSTARGZ_BENCH_LAYER_CONFIG`: more `[layer]` keys for the daemon under
+/// test (e.g. `read_ahead_bytes = 262144`), for tuning experiments.
 fn daemon_config(background_fetch: bool) -> String {
-    format!("[layer]\nbackground_fetch = {background_fetch}\n")
+    let extra = std::env::var("RSTARGZ_BENCH_LAYER_CONFIG").unwrap_or_default();
+    format!("[layer]\nbackground_fetch = {background_fetch}\n{extra}\n")
 }
 
 impl Stack {
