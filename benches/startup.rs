@@ -10,7 +10,9 @@
 //! ```
 //! Every flag can also be given as `RSTARGZ_BENCH_<FLAG>` (`-` becomes `_`,
 //! upper case), e.g. `RSTARGZ_BENCH_SAMPLES=3`. `RSTARGZ_BENCH_RSTARGZ`
-//! names another `rstargz` binary to convert and optimize the images with.
+//! names another `rstargz` binary to convert and optimize the images with;
+//! `RSTARGZ_BENCH_TRACE=1` prints each sample's requests and daemon log;
+//! `RSTARGZ_BENCH_LAYER_CONFIG` adds `[layer]` keys to the daemon's config.
 //! `--reference BIN` measures the Go reference snapshotter
 //! (`containerd-stargz-grpc` from scripts/reference-snapshotter.sh) instead
 //! of `rstargz-grpc`, started and reset by the bench the same way.
@@ -55,6 +57,12 @@ struct ImageSpec {
     cmd: &'static [&'static str],
     /// A line the command's output must contain.
     expect: &'static str,
+    /// The image this one extends (its layers come first); `None`: the
+    /// bare Debian minbase layer.
+    parent: Option<&'static str>,
+    /// Path prefixes that get a layer of their own above the layer with
+    /// the rest of what this image adds (tests/support/layering.rs).
+    split: &'static [&'static [&'static str]],
 }
 
 const IMAGES: &[ImageSpec] = &[
@@ -63,6 +71,9 @@ const IMAGES: &[ImageSpec] = &[
         packages: &["python3"],
         cmd: &["python3", "-c", "print(\"hello\")"],
         expect: "hello",
+        // minbase, python3's libraries and tools, its standard library.
+        parent: None,
+        split: &[&["usr/lib/python3.11"]],
     },
     ImageSpec {
         name: "gcc",
@@ -74,12 +85,17 @@ const IMAGES: &[ImageSpec] = &[
              >/tmp/h.c && gcc -o /tmp/h /tmp/h.c && /tmp/h",
         ],
         expect: "hello",
+        // minbase, binutils and libraries, the compiler proper.
+        parent: None,
+        split: &[&["usr/lib/gcc", "usr/libexec/gcc"]],
     },
     ImageSpec {
         name: "node",
         packages: &["nodejs"],
         cmd: &["node", "-e", "console.log(\"ready\")"],
         expect: "ready",
+        parent: None,
+        split: &[],
     },
     ImageSpec {
         name: "datascience",
@@ -90,6 +106,12 @@ const IMAGES: &[ImageSpec] = &[
             "import numpy, pandas; print(\"numpy\", numpy.__version__, \"pandas\", pandas.__version__)",
         ],
         expect: "pandas",
+        // python's three layers, then pandas and libraries, numpy, scipy.
+        parent: Some("python"),
+        split: &[
+            &["usr/lib/python3/dist-packages/numpy"],
+            &["usr/lib/python3/dist-packages/scipy"],
+        ],
     },
 ];
 
@@ -98,6 +120,8 @@ const SMOKE_IMAGE: ImageSpec = ImageSpec {
     packages: &[],
     cmd: &["/bin/sh", "-c", "echo hello"],
     expect: "hello",
+    parent: None,
+    split: &[],
 };
 
 /// Where the 1 MB file of the cold-read image lives.
@@ -434,8 +458,11 @@ impl Drop for Stack {
     }
 }
 
+/// `RSTARGZ_BENCH_LAYER_CONFIG`: more `[layer]` keys for the daemon under
+/// test (e.g. `read_ahead_bytes = 262144`), for tuning experiments.
 fn daemon_config(background_fetch: bool) -> String {
-    format!("[layer]\nbackground_fetch = {background_fetch}\n")
+    let extra = std::env::var("RSTARGZ_BENCH_LAYER_CONFIG").unwrap_or_default();
+    format!("[layer]\nbackground_fetch = {background_fetch}\n{extra}\n")
 }
 
 impl Stack {
@@ -502,14 +529,18 @@ impl Stack {
     /// for the eStargz modes. Returns the compressed size per mode.
     fn prepare_image(&mut self, spec: &ImageSpec, modes: &[Mode]) -> BTreeMap<Mode, u64> {
         let t = Instant::now();
+        let tars = self.work.path().join(format!("layers-{}", spec.name));
         let layers = if spec.packages.is_empty() {
             vec![Layer::Entries(tiny_entries())]
         } else {
-            let r = support::rootfs::debian_rootfs_with(spec.name, spec.packages);
-            vec![Layer::TarFile(r.path)]
+            image_layers(spec, &tars)
+                .into_iter()
+                .map(Layer::TarFile)
+                .collect()
         };
         let dir = self.work.path().join(format!("oci-{}", spec.name));
         let layout = build_oci_layout(&dir, "legacy", &layers, spec.cmd);
+        let _ = std::fs::remove_dir_all(&tars);
         let repo = format!("bench/{}", spec.name);
         let src = self.registry.push_oci_layout(&layout.dir, "legacy", &repo);
         let _ = std::fs::remove_dir_all(&dir);
@@ -542,8 +573,9 @@ impl Stack {
             sizes.insert(m, self.image_size(&repo, m.tag()));
         }
         eprintln!(
-            "prepared image {} in {:.1}s: {}",
+            "prepared image {} ({} layers) in {:.1}s: {}",
             spec.name,
+            layers.len(),
             t.elapsed().as_secs_f64(),
             sizes
                 .iter()
@@ -677,6 +709,27 @@ impl Stack {
         );
     }
 
+    /// `RSTARGZ_BENCH_TRACE`: the registry requests of the sample (from
+    /// access-log entry `r0` on) and the daemon's log, for profiling.
+    fn trace(&self, r0: usize) {
+        for e in self.registry.access_log().iter().skip(r0) {
+            eprintln!("    req {} {} {} {}", e.method, e.status, e.bytes, e.path);
+        }
+        if let Some(d) = &self.daemon {
+            for l in d
+                .log()
+                .lines()
+                .rev()
+                .take(200)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+            {
+                eprintln!("    log {l}");
+            }
+        }
+    }
+
     /// One cold start of `reference` in `mode`; checks the output.
     fn sample(&mut self, spec: &ImageSpec, mode: Mode, reference: &str, id: &str) -> Sample {
         self.make_cold();
@@ -773,6 +826,9 @@ impl Stack {
                 mode.name()
             );
         }
+        if std::env::var_os("RSTARGZ_BENCH_TRACE").is_some() {
+            self.trace(r0);
+        }
         let _ = c.try_ctr(&["tasks", "delete", "--force", id], Duration::from_secs(30));
         let _ = c.try_ctr(&["containers", "delete", id], Duration::from_secs(30));
         eprintln!(
@@ -788,6 +844,42 @@ impl Stack {
         );
         s
     }
+}
+
+/// debootstrap leaves the downloaded packages in the minbase rootfs (32
+/// MB); the package rootfs have them cleaned. Left out of every layer, so
+/// the base layer is not padded with files the image deletes again.
+fn apt_archive(path: &str) -> bool {
+    path.starts_with("var/cache/apt/archives/") && path.ends_with(".deb")
+}
+
+/// The layer tars of a Debian image, bottom first, written under `dir`:
+/// minbase, then what each image of the `parent` chain adds over the one
+/// below, split by its `split` prefixes.
+fn image_layers(spec: &ImageSpec, dir: &Path) -> Vec<PathBuf> {
+    let (mut layers, lower) = match spec.parent {
+        None => {
+            let base = support::rootfs::debian_rootfs().path;
+            let layer =
+                support::layering::diff_layers(None, &base, dir, "minbase", &[], &apt_archive);
+            (layer, base)
+        }
+        Some(p) => {
+            let parent = IMAGES.iter().find(|s| s.name == p).expect("parent image");
+            let lower = support::rootfs::debian_rootfs_with(parent.name, parent.packages).path;
+            (image_layers(parent, dir), lower)
+        }
+    };
+    let upper = support::rootfs::debian_rootfs_with(spec.name, spec.packages).path;
+    layers.extend(support::layering::diff_layers(
+        Some(&lower),
+        &upper,
+        dir,
+        spec.name,
+        spec.split,
+        &apt_archive,
+    ));
+    layers
 }
 
 /// The tiny smoke / cold-read image: the host's `dash` and the C library

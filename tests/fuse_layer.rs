@@ -554,7 +554,10 @@ fn aborted_connection_is_stale_until_unmounted() {
         assert_eq!(errno(&e), libc::ENOTCONN, "{e}");
         // Clean, or already done by our exiting session.
         let u = unmount(l.path()).unwrap();
-        assert!(matches!(u, Unmounted::Clean | Unmounted::NotMounted), "{u:?}");
+        assert!(
+            matches!(u, Unmounted::Clean | Unmounted::NotMounted),
+            "{u:?}"
+        );
     }
     assert!(fs::metadata(l.path()).unwrap().is_dir());
     assert!(!l.p("f").exists());

@@ -36,6 +36,11 @@ struct FakeState {
     /// Flip the byte at this blob offset in answers (u64::MAX = none).
     flip_at: AtomicU64,
     fail: AtomicBool,
+    /// `fetch_stream` sends pieces of this size (0: the range whole)...
+    stream_piece: AtomicU64,
+    /// ... and stops before this blob offset until `gate` is opened.
+    gate_at: AtomicU64,
+    gate: tokio::sync::Notify,
 }
 
 #[derive(Clone)]
@@ -46,6 +51,7 @@ impl Fake {
         let s = FakeState {
             blob,
             flip_at: AtomicU64::new(u64::MAX),
+            gate_at: AtomicU64::new(u64::MAX),
             ..FakeState::default()
         };
         Fake(Arc::new(s))
@@ -90,6 +96,38 @@ impl RangeFetcher for Fake {
 
     async fn size(&self) -> Result<u64, RegistryError> {
         Ok(self.0.blob.len() as u64)
+    }
+
+    async fn fetch_stream(
+        &self,
+        range: Range<u64>,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), RegistryError> {
+        let piece = self.0.stream_piece.load(Ordering::SeqCst);
+        if piece == 0 {
+            let b = self.fetch(std::slice::from_ref(&range)).await?;
+            let _ = tx.send(b[0].clone()).await;
+            return Ok(());
+        }
+        self.0.calls.lock().unwrap().push(vec![range.clone()]);
+        let gate_at = self.0.gate_at.load(Ordering::SeqCst);
+        let mut at = range.start;
+        while at < range.end {
+            let mut end = (at + piece).min(range.end);
+            if at < gate_at && end > gate_at {
+                end = gate_at;
+            }
+            if at == gate_at {
+                self.0.gate.notified().await;
+            }
+            let b = Bytes::copy_from_slice(&self.0.blob[at as usize..end as usize]);
+            self.0.bytes.fetch_add(b.len() as u64, Ordering::SeqCst);
+            if tx.send(b).await.is_err() {
+                break;
+            }
+            at = end;
+        }
+        Ok(())
     }
 }
 
@@ -1094,4 +1132,89 @@ async fn prefetch_after_a_restart_comes_from_the_disk_cache() {
     );
     assert_eq!(fake.count(), 2, "footer and TOC only: {:?}", fake.calls());
     assert!(layer.stats().chunks_from_disk > 0);
+}
+
+/// Prefetch streams: the first prioritized file is readable, with no
+/// request of its own, while the rest of the prefetch range has not
+/// arrived yet (the fake holds it back until the gate opens).
+#[tokio::test]
+async fn streamed_prefetch_serves_the_first_files_before_the_range_ends() {
+    let hot1 = noise(300 << 10, 7);
+    let hot2 = noise(300 << 10, 8);
+    let blob = build(&[
+        Spec::File("hot1", &hot1, 64 << 10, false),
+        Spec::File("hot2", &hot2, 64 << 10, false),
+        Spec::File(".prefetch.landmark", &[0x0f], 0, false),
+        Spec::File("cold", b"cold", 0, false),
+    ]);
+    let index = index_of(&blob);
+    let hot2_at = index
+        .chunk_for(index.lookup("hot2").unwrap(), 0)
+        .unwrap()
+        .compressed_offset;
+    let fake = Fake::new(blob);
+    fake.0.stream_piece.store(16 << 10, Ordering::SeqCst);
+    fake.0.gate_at.store(hot2_at, Ordering::SeqCst);
+    let c = LayerConfig {
+        prefetch: true,
+        ..cfg()
+    };
+    let layer = Arc::new(open(&fake, c, Caches::memory_only(64 << 20)).await);
+    let id = layer.index().lookup("hot1").unwrap();
+    let got = tokio::time::timeout(
+        Duration::from_secs(20),
+        read_all(&layer, id, hot1.len() as u64),
+    )
+    .await
+    .expect("hot1 readable before the rest of the prefetch range arrived");
+    assert_eq!(got, hot1);
+    assert_eq!(layer.prefetch_state(), PrefetchState::Running);
+    fake.0.gate.notify_one();
+    assert_eq!(
+        layer.wait_prefetch(Duration::from_secs(20)).await,
+        PrefetchState::Done
+    );
+    let id = layer.index().lookup("hot2").unwrap();
+    assert_eq!(read_all(&layer, id, hot2.len() as u64).await, hot2);
+    let calls = fake.calls();
+    assert_eq!(calls.len(), 1, "one streamed prefetch request: {calls:?}");
+    assert!(layer.stats().chunks_prefetched >= 10);
+}
+
+/// A miss also fetches the chunks of the same directory just before it
+/// (read-behind): a package whose files are read in another order than
+/// the blob's costs one request, and files of other directories before it
+/// are left alone.
+#[tokio::test]
+async fn read_ahead_also_covers_the_directory_before_a_miss() {
+    let other = noise(8 << 10, 1);
+    let pkg: Vec<(String, Vec<u8>)> = (0..8)
+        .map(|i| (format!("pkg/sub/f{i}"), noise(4 << 10, 10 + i as u64)))
+        .collect();
+    let mut specs = vec![
+        Spec::Dir("other"),
+        Spec::File("other/x", &other, 0, false),
+        Spec::Dir("pkg"),
+        Spec::Dir("pkg/sub"),
+    ];
+    for (n, d) in &pkg {
+        specs.push(Spec::File(n, d, 0, false));
+    }
+    let fake = Fake::new(build(&specs));
+    let c = LayerConfig {
+        read_ahead_bytes: 512 << 10,
+        ..cfg()
+    };
+    let layer = Arc::new(open(&fake, c, Caches::memory_only(64 << 20)).await);
+    // The last file first, then the others in reverse blob order. The
+    // first miss's chunk and its read-behind go in two concurrent
+    // requests (read-ahead never delays the chunk a reader waits for).
+    for (i, (n, d)) in pkg.iter().rev().enumerate() {
+        let id = layer.index().lookup(n).unwrap();
+        assert_eq!(&read_all(&layer, id, d.len() as u64).await, d);
+        assert_eq!(fake.count(), 2, "after read {i}: {:?}", fake.calls());
+    }
+    let id = layer.index().lookup("other/x").unwrap();
+    assert_eq!(read_all(&layer, id, other.len() as u64).await, other);
+    assert_eq!(fake.count(), 3, "other/x was not read behind");
 }

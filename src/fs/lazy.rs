@@ -7,8 +7,8 @@
 //! slot of the daemon's single FUSE mount ([`MuxMount`], at `<root>/fuse`),
 //! bind-mounted on the snapshot's directory. Any failure is returned as a reason, and the snapshotter falls back
 //! to an ordinary pull of that layer. `check` waits for the layer's prefetch
-//! (bounded) so that a container created right after the pull finds its
-//! prioritized files cached.
+//! only if `prefetch_timeout_ms` asks (default: no; reads of prioritized
+//! files wait for the streaming prefetch's chunks instead).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -659,8 +659,8 @@ impl RemoteFs for LazyFs {
             .await
             .map_err(|e| RemoteError::new(format!("check task failed: {e}")))?;
         alive.map_err(|e| RemoteError::new(format!("mount is not usable: {e}")))?;
-        // A container created now should find its prioritized files ready;
-        // the wait is bounded by `prefetch_timeout_ms`.
+        // Only when configured (`prefetch_timeout_ms`, bounded): a
+        // container's reads wait for the prefetch's chunks anyway.
         if let PrefetchState::Failed(reason) = layer.wait_prefetch_default().await {
             tracing::warn!(mountpoint = %mountpoint.display(), reason = %reason, "prefetch failed; reads fetch on demand");
         }

@@ -128,7 +128,8 @@ impl Prewarm {
     }
 }
 
-/// Blob size and tail of one layer: the two requests every open starts with.
+/// Blob size and tail of one layer, in one suffix-range request where the
+/// registry supports it ([`crate::fs::registry::Blob::fetch_tail`]).
 pub async fn fetch_warm(
     client: &RegistryClient,
     reference: &Reference,
@@ -136,14 +137,14 @@ pub async fn fetch_warm(
     opts: &ReaderOptions,
 ) -> Result<Warm, RegistryError> {
     let blob = client.blob(reference, digest)?;
-    let size = blob.blob_size().await?;
-    let tl = tail_len(size, opts);
-    let tail_range = size - tl..size;
-    let tail = blob
-        .fetch_ranges(std::slice::from_ref(&tail_range))
-        .await?
-        .pop()
-        .unwrap_or_default();
+    // The tail length does not depend on the size but through the cap at
+    // it, which the suffix request applies itself.
+    let (size, tail_range, tail) = blob.fetch_tail(tail_len(u64::MAX, opts)).await?;
+    if tail_range.end - tail_range.start != tail_len(size, opts) {
+        return Err(RegistryError::ProtocolViolation(
+            "tail read of the wrong length".into(),
+        ));
+    }
     Ok(Warm {
         size,
         tail_range,
@@ -205,6 +206,14 @@ impl RangeFetcher for WarmFetcher {
 
     async fn size(&self) -> Result<u64, RegistryError> {
         Ok(self.size)
+    }
+
+    async fn fetch_stream(
+        &self,
+        range: Range<u64>,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), RegistryError> {
+        self.inner.fetch_stream(range, tx).await
     }
 }
 

@@ -10,6 +10,8 @@
 //! - [`rootfs`]: the debootstrap rootfs tarball, built once and cached.
 //! - [`image`]: an OCI image layout written from that tarball (plus an
 //!   optional second layer), pushed with `skopeo`.
+//! - [`layering`]: what one rootfs tarball adds over another, as layer
+//!   tars split by path (the start-up benchmark's multi-layer images).
 //! - [`interop`]: `ctr-remote image convert --estargz` and extraction of the
 //!   converted blobs and their TOC-digest annotations.
 //! - [`faultproxy::FaultProxy`]: an HTTP proxy in front of the registry that
@@ -34,6 +36,7 @@ pub mod daemon;
 pub mod faultproxy;
 pub mod image;
 pub mod interop;
+pub mod layering;
 pub mod proc;
 pub mod python;
 pub mod registry;

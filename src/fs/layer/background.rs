@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 
 use bytes::Bytes;
 
-use super::fetch::{Group, Kind, Plan, decode_group, run_job};
+use super::fetch::{Group, Kind, Plan, decode_group, run_job, stream_job};
 use super::{Inner, PrefetchState};
 use crate::estargz::reader::Prefetch;
 use crate::fs::registry::RangeFetcher;
@@ -114,7 +114,7 @@ async fn run<F: RangeFetcher + 'static>(
     }
     if prefetching {
         n += leads.len();
-        failed += run_job(inner, leads, Plan::Split(inner.cfg.prefetch_range_bytes)).await;
+        failed += stream_job(inner, leads, inner.cfg.prefetch_range_bytes).await;
         let state = if failed == 0 {
             PrefetchState::Done
         } else {

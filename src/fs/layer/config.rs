@@ -29,9 +29,14 @@ pub struct LayerConfig {
     /// Prefetch size for blobs without landmarks. 0 = none.
     pub prefetch_unspecified_bytes: u64,
     /// A prefetch larger than this is split into ranges of about this size,
-    /// fetched concurrently so decoding overlaps downloading.
+    /// fetched concurrently. Each range is streamed (its chunks decoded as
+    /// their bytes arrive), so one range keeps the blob order of the
+    /// prioritized files.
     pub prefetch_range_bytes: u64,
-    /// How long the snapshotter waits for prefetch before answering.
+    /// How long the snapshotter's check of a layer (`Mounts`, e.g. when a
+    /// container is created) waits for its prefetch. 0 (default): not at
+    /// all; the container starts while prefetch streams in, and its reads
+    /// of prioritized files wait for those chunks' flights.
     pub prefetch_timeout_ms: u64,
     /// Fetch the rest of the layer in the background after prefetch.
     pub background_fetch: bool,
@@ -60,8 +65,8 @@ impl Default for LayerConfig {
             read_timeout_ms: 60_000,
             prefetch: true,
             prefetch_unspecified_bytes: 0,
-            prefetch_range_bytes: 8 << 20,
-            prefetch_timeout_ms: 10_000,
+            prefetch_range_bytes: 64 << 20,
+            prefetch_timeout_ms: 0,
             background_fetch: true,
             background_concurrency: 2,
             background_range_bytes: 4 << 20,

@@ -148,11 +148,9 @@ impl Drop for Lead {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Plan {
     /// All runs in one fetcher call (multi-range when several); read-ahead
-    /// chunks in a second, concurrent one.
+    /// chunks in a second, concurrent one. (Prefetch streams instead:
+    /// [`stream_job`].)
     OneRequest,
-    /// Runs cut at about this many bytes, each its own request, all
-    /// concurrent, so decoding the first overlaps downloading the rest.
-    Split(u64),
 }
 
 /// Contiguous chunks fetched as one range.
@@ -334,18 +332,66 @@ fn read_ahead<F>(inner: &Inner<F>, leads: &mut Vec<Lead>) {
         leads.push(l);
     }
     window.ended_at(end);
+    drop(window);
+    read_behind(inner, leads, base);
+}
+
+/// The directory part of a TOC path (`""` at the top).
+fn dir_of(name: &str) -> &str {
+    name.rsplit_once('/').map_or("", |(d, _)| d)
+}
+
+/// Extends an on-demand job backwards, in blob order, over the chunks of
+/// the missed file's directory (and its subdirectories) that lie just
+/// before it, up to `budget` compressed bytes. Module loaders (Python's
+/// imports) read a package's files in an order unrelated to the blob's
+/// (tar order is readdir order), so the files before a miss are as likely
+/// to come next as the files after it, which forward read-ahead covers.
+fn read_behind<F>(inner: &Inner<F>, leads: &mut Vec<Lead>, budget: u64) {
+    let Some(first) = leads
+        .iter()
+        .filter(|l| l.kind == Kind::OnDemand)
+        .min_by_key(|l| key_of(&l.chunk))
+    else {
+        return;
+    };
+    let dir = dir_of(&first.chunk.name).to_string();
+    let Ok(pos) = inner
+        .order
+        .binary_search_by_key(&key_of(&first.chunk), key_of)
+    else {
+        return;
+    };
+    let mut budget = budget;
+    let mut start = first.chunk.compressed_offset;
+    for c in inner.order[..pos].iter().rev() {
+        let d = dir_of(&c.name);
+        let inside =
+            d == dir || (d.starts_with(&dir) && d.as_bytes().get(dir.len()) == Some(&b'/'));
+        if !inside || c.compressed_end < start || budget < c.compressed_len() {
+            break;
+        }
+        if c.chunk_digest.is_some_and(|d| is_cached(inner, &d)) {
+            break;
+        }
+        let Some(l) = inner.flights.try_lead(c, Kind::ReadAhead) else {
+            break;
+        };
+        budget -= c.compressed_len();
+        start = start.min(c.compressed_offset);
+        leads.push(l);
+    }
 }
 
 fn is_cached<F>(inner: &Inner<F>, d: &Digest) -> bool {
     inner.caches.memory.contains(d) || inner.caches.disk.as_ref().is_some_and(|k| k.contains(d))
 }
 
-/// Runs one job to the end; returns how many chunks failed.
-pub(crate) async fn run_job<F: RangeFetcher + 'static>(
+/// Answers the leads the memory or disk cache can; returns the others.
+async fn take_local<F: RangeFetcher + 'static>(
     inner: &Arc<Inner<F>>,
     leads: Vec<Lead>,
-    plan: Plan,
-) -> u64 {
+) -> Vec<Lead> {
     // Memory again: a job may have finished between the reader's check and
     // its lead.
     let mut rest = Vec::with_capacity(leads.len());
@@ -385,6 +431,16 @@ pub(crate) async fn run_job<F: RangeFetcher + 'static>(
             }
         }
     }
+    rest
+}
+
+/// Runs one job to the end; returns how many chunks failed.
+pub(crate) async fn run_job<F: RangeFetcher + 'static>(
+    inner: &Arc<Inner<F>>,
+    leads: Vec<Lead>,
+    plan: Plan,
+) -> u64 {
+    let rest = take_local(inner, leads).await;
     if rest.is_empty() {
         return 0;
     }
@@ -407,19 +463,122 @@ pub(crate) async fn run_job<F: RangeFetcher + 'static>(
                 (false, true) => fetch_groups(inner, runs(now, None)).await,
             }
         }
-        Plan::Split(max) => {
-            let mut set = JoinSet::new();
-            for g in runs(rest, Some(max)) {
-                let inner = inner.clone();
-                set.spawn(async move { fetch_groups(&inner, vec![g]).await });
+    }
+}
+
+/// Compressed bytes of a streamed range decoded together while more bytes
+/// are queued: a decode task is not spawned per (small) chunk. When the
+/// network is behind, complete chunks are decoded at once.
+pub(crate) const STREAM_BATCH: u64 = 128 << 10;
+
+/// Prefetch: chunks from the caches if there, the rest in runs of adjacent
+/// chunks (cut at about `max` bytes, each one streamed request, run
+/// concurrently). Each run's chunks are decoded, verified and answered as
+/// soon as their bytes are in, so a container reading its prioritized files
+/// in blob order need not wait for the end of the range. Returns how many
+/// chunks failed.
+pub(crate) async fn stream_job<F: RangeFetcher + 'static>(
+    inner: &Arc<Inner<F>>,
+    leads: Vec<Lead>,
+    max: u64,
+) -> u64 {
+    let rest = take_local(inner, leads).await;
+    if rest.is_empty() {
+        return 0;
+    }
+    let mut set = JoinSet::new();
+    for g in runs(rest, Some(max)) {
+        let inner = inner.clone();
+        set.spawn(async move { stream_group(&inner, g).await });
+    }
+    let mut failed = 0;
+    while let Some(r) = set.join_next().await {
+        failed += r.unwrap_or(1);
+    }
+    failed
+}
+
+/// One run, streamed: the bytes are kept from the first chunk not yet
+/// decoded on, and every [`STREAM_BATCH`] of complete chunks goes to a
+/// decode task. Chunks the stream did not deliver (an error midway) are
+/// fetched again the ordinary way.
+async fn stream_group<F: RangeFetcher + 'static>(inner: &Arc<Inner<F>>, g: Group) -> u64 {
+    let Group { range, leads } = g;
+    // `runs` sorted them in blob order.
+    let mut pending: std::collections::VecDeque<Lead> = leads.into();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+    let t0 = Instant::now();
+    let mut buf = bytes::BytesMut::new();
+    let mut base = range.start;
+    let mut received = 0u64;
+    let mut decodes = JoinSet::new();
+    let consume = async {
+        loop {
+            let piece = rx.recv().await;
+            let done = piece.is_none();
+            if let Some(p) = piece {
+                received += p.len() as u64;
+                buf.extend_from_slice(&p);
             }
-            let mut failed = 0;
-            while let Some(r) = set.join_next().await {
-                failed += r.unwrap_or(1);
+            let have = base + buf.len() as u64;
+            let n = pending
+                .iter()
+                .take_while(|l| l.chunk.compressed_end <= have)
+                .count();
+            if n > 0 {
+                let start = pending[0].chunk.compressed_offset;
+                let end = pending
+                    .iter()
+                    .take(n)
+                    .map(|l| l.chunk.compressed_end)
+                    .max()
+                    .unwrap_or(start);
+                // Batch while bytes pour in; when the network is behind
+                // (nothing more queued), decode what is complete now.
+                if done || rx.is_empty() || end - start >= STREAM_BATCH {
+                    let batch: Vec<Lead> = pending.drain(..n).collect();
+                    let lo = (start - base) as usize;
+                    let hi = (end - base) as usize;
+                    let body = Bytes::copy_from_slice(&buf[lo..hi]);
+                    let job = inner.clone();
+                    decodes.spawn(async move {
+                        let g = Group {
+                            range: start..end,
+                            leads: batch,
+                        };
+                        decode_group(&job, g, body).await
+                    });
+                    // Bytes before the next chunk are needed no more.
+                    let keep = pending
+                        .front()
+                        .map_or(have, |l| l.chunk.compressed_offset)
+                        .clamp(base, have);
+                    bytes::Buf::advance(&mut buf, (keep - base) as usize);
+                    base = keep;
+                }
             }
-            failed
+            if done {
+                break;
+            }
+        }
+    };
+    let (res, ()) = tokio::join!(inner.fetcher.fetch_stream(range.clone(), tx), consume);
+    inner.stats.record_fetch(1, received, t0.elapsed());
+    let mut failed = 0;
+    if let Err(e) = &res {
+        inner.stats.fetch_errors.fetch_add(1, Ordering::Relaxed);
+        if let Some(n) = inner.fetch_log.allow(inner.now_ms(), 1000) {
+            tracing::warn!(error = %e, suppressed = n, "streamed prefetch failed; fetching the rest by ranges");
         }
     }
+    if !pending.is_empty() {
+        let rest: Vec<Lead> = pending.into_iter().collect();
+        failed += fetch_groups(inner, runs(rest, None)).await;
+    }
+    while let Some(r) = decodes.join_next().await {
+        failed += r.unwrap_or(1);
+    }
+    failed
 }
 
 /// One fetcher call for all groups, then decode, verify, cache, answer.

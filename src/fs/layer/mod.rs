@@ -192,6 +192,14 @@ impl RangeFetcher for DynFetcher {
     async fn size(&self) -> Result<u64, RegistryError> {
         self.0.size_dyn().await
     }
+
+    async fn fetch_stream(
+        &self,
+        range: Range<u64>,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), RegistryError> {
+        self.0.fetch_stream_dyn(range, tx).await
+    }
 }
 
 /// Identifies a chunk within a layer: its member and offset inside it.

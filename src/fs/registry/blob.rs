@@ -153,6 +153,82 @@ impl Blob {
             .map(|(s, _)| *s)
     }
 
+    /// The blob's size and its last `n` bytes (all of it if smaller), as
+    /// `(size, tail range, bytes)`. One suffix-range request (`Range:
+    /// bytes=-n`) answers both and settles the blob's location, where a
+    /// `HEAD` and a range read would take two round trips. An answer that
+    /// does not give both (no suffix support, a whole body, an error) falls
+    /// back to the size lookup and a range read.
+    pub async fn fetch_tail(&self, n: u64) -> Result<(u64, Range<u64>, Bytes), RegistryError> {
+        if n > 0 && self.inner.sized.get().is_none() {
+            let refreshed = AtomicBool::new(false);
+            let c = self.inner.client.clone();
+            match c
+                .retry("blob tail GET", || self.tail_attempt(n, &refreshed))
+                .await
+            {
+                Ok(Some((size, range, bytes))) => {
+                    // Sized at the first endpoint, the one that answered.
+                    let _ = self.inner.sized.set((size, 0));
+                    return Ok((size, range, bytes));
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "suffix range read failed; HEAD and range"),
+            }
+        }
+        let size = self.blob_size().await?;
+        let range = size - n.min(size)..size;
+        let bytes = self
+            .fetch_ranges(std::slice::from_ref(&range))
+            .await?
+            .pop()
+            .unwrap_or_default();
+        Ok((size, range, bytes))
+    }
+
+    /// The request of [`Blob::fetch_tail`]: `Some` for a single-part 206
+    /// whose `Content-Range` ends at the blob's end, gives its size and
+    /// holds `min(n, size)` bytes.
+    async fn tail_attempt(
+        &self,
+        n: u64,
+        refreshed: &AtomicBool,
+    ) -> Result<Option<(u64, Range<u64>, Bytes)>, Failure> {
+        let sent = self.get_range(&format!("bytes=-{n}"), refreshed).await?;
+        match sent.resp.status().as_u16() {
+            206 => {
+                let ct = header_str(&sent.resp, "content-type").unwrap_or("");
+                if multipart_boundary(ct).is_some() {
+                    return Ok(None);
+                }
+                let cr = header_str(&sent.resp, "content-range")
+                    .ok_or_else(|| {
+                        RegistryError::ProtocolViolation("206 without Content-Range".into())
+                    })
+                    .and_then(parse_content_range)?;
+                let (Some(range), Some(size)) = (cr.range, cr.complete) else {
+                    return Ok(None);
+                };
+                if range.end != size || range.end - range.start != n.min(size) {
+                    return Ok(None);
+                }
+                if let Some(k) = self.inner.known_size
+                    && k != size
+                {
+                    return Err(RegistryError::ProtocolViolation(format!(
+                        "endpoint reports {size} bytes, descriptor says {k}"
+                    ))
+                    .into());
+                }
+                let len = range.end - range.start;
+                let data = read_body(sent, Some(len), len).await?;
+                Ok(Some((size, range, data)))
+            }
+            200 | 400 | 416 => Ok(None),
+            _ => Err(status_failure(&sent.resp, "blob")),
+        }
+    }
+
     /// Reads `ranges` (each within the blob); one `Bytes` per range, in order.
     pub async fn fetch_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
         let size = self.blob_size().await?;
@@ -591,6 +667,103 @@ impl Blob {
         }
     }
 
+    /// One range, its body handed to `tx` piece by piece as it arrives
+    /// ([`RangeFetcher::fetch_stream`]). Until the answer's headers check
+    /// out, retried like any range read; an answer that is not a plain 206
+    /// of exactly this range goes the general way ([`Blob::fetch_ranges`])
+    /// and is sent whole. The body is checked against the range's length.
+    pub async fn stream_range(
+        &self,
+        span: Range<u64>,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), RegistryError> {
+        let size = self.blob_size().await?;
+        if span.start > span.end || span.end > size {
+            return Err(RegistryError::BadRange(format!(
+                "{}..{} outside blob of {size} bytes",
+                span.start, span.end
+            )));
+        }
+        if span.is_empty() {
+            return Ok(());
+        }
+        let refreshed = AtomicBool::new(false);
+        let c = self.inner.client.clone();
+        let opened = c
+            .retry("blob streaming GET", || {
+                self.stream_attempt(&span, size, &refreshed)
+            })
+            .await?;
+        let Some(Sent {
+            mut resp,
+            _permit,
+            client,
+        }) = opened
+        else {
+            let mut v = self.fetch_ranges(std::slice::from_ref(&span)).await?;
+            if let Some(b) = v.pop() {
+                let _ = tx.send(b).await;
+            }
+            return Ok(());
+        };
+        let want = span.end - span.start;
+        let mut got = 0u64;
+        while let Some(piece) = resp
+            .chunk()
+            .await
+            .map_err(|e| RegistryError::from_reqwest(&e))?
+        {
+            got += piece.len() as u64;
+            if got > want {
+                return Err(RegistryError::ProtocolViolation(format!(
+                    "body longer than the {want} bytes asked for"
+                )));
+            }
+            client.count_bytes(piece.len());
+            if tx.send(piece).await.is_err() {
+                return Ok(());
+            }
+        }
+        if got != want {
+            return Err(RegistryError::ProtocolViolation(format!(
+                "truncated body: {got} of {want} bytes"
+            )));
+        }
+        Ok(())
+    }
+
+    /// The request of [`Blob::stream_range`]: `Some` when the answer is a
+    /// single-part 206 for exactly `span`, its body unread.
+    async fn stream_attempt(
+        &self,
+        span: &Range<u64>,
+        size: u64,
+        refreshed: &AtomicBool,
+    ) -> Result<Option<Sent>, Failure> {
+        let sent = self
+            .get_range(&range_header(std::slice::from_ref(span)), refreshed)
+            .await?;
+        match sent.resp.status().as_u16() {
+            206 => {
+                let ct = header_str(&sent.resp, "content-type").unwrap_or("");
+                if multipart_boundary(ct).is_some() {
+                    return Ok(None);
+                }
+                let cr = header_str(&sent.resp, "content-range")
+                    .ok_or_else(|| {
+                        RegistryError::ProtocolViolation("206 without Content-Range".into())
+                    })
+                    .and_then(parse_content_range)?;
+                let exact = cr.range.as_ref() == Some(span)
+                    && cr.complete.is_none_or(|c| c == size)
+                    && content_length(&sent.resp).is_none_or(|l| l == span.end - span.start);
+                Ok(exact.then_some(sent))
+            }
+            200 | 400 | 416 => Ok(None),
+            _ => Err(status_failure(&sent.resp, "blob")),
+        }
+    }
+
     /// Parts of a 206: multipart, or one part described by `Content-Range`.
     /// Each part is checked against its `Content-Range` and the blob size.
     async fn read_parts(
@@ -680,6 +853,14 @@ fn too_big() -> RegistryError {
 impl RangeFetcher for Blob {
     async fn fetch(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>, RegistryError> {
         self.fetch_ranges(ranges).await
+    }
+
+    async fn fetch_stream(
+        &self,
+        range: Range<u64>,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> Result<(), RegistryError> {
+        self.stream_range(range, tx).await
     }
 
     async fn size(&self) -> Result<u64, RegistryError> {

@@ -292,7 +292,11 @@ pub fn range_response(blob: &[u8], req: &Req, multi: Multi) -> Resp {
     let Some(rh) = req.header("range") else {
         return Resp::new(200).body(blob.to_vec());
     };
-    let ranges = parse_range_header(rh);
+    // A suffix range, `bytes=-n`: the last n bytes.
+    let ranges = match rh.strip_prefix("bytes=-").map(str::parse::<usize>) {
+        Some(Ok(n)) if n > 0 => std::iter::once(total - n.min(total)..total).collect(),
+        _ => parse_range_header(rh),
+    };
     if ranges.is_empty() || ranges.iter().any(|r| r.start >= r.end || r.end > total) {
         return Resp::new(416).header("Content-Range", format!("bytes */{total}"));
     }

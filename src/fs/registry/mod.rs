@@ -83,6 +83,26 @@ pub trait RangeFetcher: Send + Sync {
 
     /// The blob size in bytes.
     fn size(&self) -> impl Future<Output = Result<u64, RegistryError>> + Send;
+
+    /// Reads `range` with one request and sends its bytes to `tx` in order,
+    /// in pieces as they arrive (together exactly `end - start` bytes), so
+    /// the caller can use the start of a long range before its end is in.
+    /// An error after some pieces went out ends the stream; the caller
+    /// fetches what it still lacks. A closed `tx` stops the read quietly.
+    /// The default reads the range whole with [`RangeFetcher::fetch`].
+    fn fetch_stream(
+        &self,
+        range: Range<u64>,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> impl Future<Output = Result<(), RegistryError>> + Send {
+        async move {
+            let mut v = self.fetch(std::slice::from_ref(&range)).await?;
+            if let Some(b) = v.pop() {
+                let _ = tx.send(b).await;
+            }
+            Ok(())
+        }
+    }
 }
 
 /// A boxed, `Send` future (what [`DynRangeFetcher`] returns).
@@ -100,6 +120,13 @@ pub trait DynRangeFetcher: Send + Sync {
 
     /// [`RangeFetcher::size`], boxed.
     fn size_dyn(&self) -> BoxFuture<'_, Result<u64, RegistryError>>;
+
+    /// [`RangeFetcher::fetch_stream`], boxed.
+    fn fetch_stream_dyn(
+        &self,
+        range: Range<u64>,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> BoxFuture<'_, Result<(), RegistryError>>;
 }
 
 impl<T: RangeFetcher> DynRangeFetcher for T {
@@ -112,5 +139,13 @@ impl<T: RangeFetcher> DynRangeFetcher for T {
 
     fn size_dyn(&self) -> BoxFuture<'_, Result<u64, RegistryError>> {
         Box::pin(self.size())
+    }
+
+    fn fetch_stream_dyn(
+        &self,
+        range: Range<u64>,
+        tx: tokio::sync::mpsc::Sender<Bytes>,
+    ) -> BoxFuture<'_, Result<(), RegistryError>> {
+        Box::pin(self.fetch_stream(range, tx))
     }
 }

@@ -943,3 +943,110 @@ async fn rejected_cached_token_is_replaced_and_basic_challenge_uses_credentials(
     let unauth = s.count(|r| r.header("authorization").is_none());
     assert_eq!(unauth, 1, "Basic header cached after the first challenge");
 }
+
+/// Size and tail in one suffix-range GET: no `HEAD`, and the answer
+/// settles the location and the size for later reads.
+#[tokio::test]
+async fn tail_and_size_come_from_one_suffix_request() {
+    let (s, data) = registry_with(Multi::Multipart).await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    let (size, range, tail) = b.fetch_tail(3000).await.unwrap();
+    assert_eq!(size, BLOB_LEN as u64);
+    assert_eq!(range, BLOB_LEN as u64 - 3000..BLOB_LEN as u64);
+    assert_eq!(&tail[..], &data[BLOB_LEN - 3000..]);
+    let reqs = s.requests();
+    assert_eq!(reqs.len(), 1, "{reqs:#?}");
+    assert_eq!(reqs[0].header("range"), Some("bytes=-3000"));
+    assert_eq!(b.blob_size().await.unwrap(), BLOB_LEN as u64);
+    fetch_and_check(&b, &data, &[10..20]).await;
+    assert_eq!(s.count(|r| r.method == "HEAD"), 0);
+    assert_eq!(s.requests().len(), 2);
+    // A tail longer than the blob is the whole blob.
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    let (size, range, tail) = b.fetch_tail(1 << 20).await.unwrap();
+    assert_eq!((size, range), (BLOB_LEN as u64, 0..BLOB_LEN as u64));
+    assert_eq!(&tail[..], &data[..]);
+}
+
+/// A registry that does not understand suffix ranges (here: 416) still
+/// gives the tail, through `HEAD` and a plain range read.
+#[tokio::test]
+async fn tail_falls_back_when_suffix_ranges_are_refused() {
+    let data = blob_data();
+    let d = data.clone();
+    let s = FakeServer::start(move |_| {
+        move |r: &Req| {
+            if r.header("range").is_some_and(|v| v.starts_with("bytes=-")) {
+                return Resp::new(416);
+            }
+            range_response(&d, r, Multi::Multipart)
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let c = RegistryClient::new(test_config(&dir)).unwrap();
+    let b = c.blob(&reference(&s), &digest_of(&data)).unwrap();
+    let (size, range, tail) = b.fetch_tail(3000).await.unwrap();
+    assert_eq!((size, range), (BLOB_LEN as u64, 7000..BLOB_LEN as u64));
+    assert_eq!(&tail[..], &data[7000..]);
+    assert_eq!(s.count(|r| r.method == "HEAD"), 1);
+    assert_eq!(s.count(|r| r.header("range") == Some("bytes=7000-9999")), 1);
+}
+
+/// A streamed range arrives in several pieces, in order, that add up to
+/// the range; a body shorter than the range is an error.
+#[tokio::test]
+async fn streamed_range_arrives_in_pieces_and_is_length_checked() {
+    let data = blob_data();
+    let d = data.clone();
+    let s = FakeServer::start(move |_| {
+        move |r: &Req| {
+            let resp = range_response(&d, r, Multi::Multipart);
+            if r.header("range") == Some("bytes=1000-8999") {
+                let body = d[1000..9000].to_vec();
+                return resp.with_body(Body::Trickle {
+                    data: body,
+                    chunk: 1000,
+                    delay: Duration::from_millis(5),
+                });
+            }
+            if r.header("range") == Some("bytes=0-99") {
+                return resp.with_body(Body::Truncated {
+                    declared: 100,
+                    data: d[..50].to_vec(),
+                });
+            }
+            resp
+        }
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = RegistryConfig {
+        max_attempts: 1,
+        ..test_config(&dir)
+    };
+    let c = RegistryClient::new(cfg).unwrap();
+    let b = c
+        .blob_with_size(&reference(&s), &digest_of(&data), BLOB_LEN as u64)
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let fetch = RangeFetcher::fetch_stream(&b, 1000..9000, tx);
+    let collect = async {
+        let mut pieces = Vec::new();
+        while let Some(p) = rx.recv().await {
+            pieces.push(p);
+        }
+        pieces
+    };
+    let (r, pieces) = tokio::join!(fetch, collect);
+    r.unwrap();
+    assert!(pieces.len() > 1, "one piece: not streamed");
+    assert_eq!(pieces.concat(), data[1000..9000].to_vec());
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    let fetch = RangeFetcher::fetch_stream(&b, 0..100, tx);
+    let drain = async { while rx.recv().await.is_some() {} };
+    let (r, ()) = tokio::join!(fetch, drain);
+    assert!(r.is_err(), "truncated body accepted");
+}
