@@ -397,3 +397,88 @@ fn a_holder_killed_under_a_live_daemon_is_replaced() {
     assert_eq!(s.daemon.holder_pid(), Some(second));
     stop_container(&s, &id);
 }
+
+/// A one-layer image of `files` small files under `/<dir>`, converted.
+fn small_image(registry: &mut Registry, dir: &str) -> String {
+    let layout = support::temp_dir("layout");
+    let entries: Vec<Entry> = std::iter::once(Entry::Dir {
+        path: format!("/{dir}"),
+        mode: 0o755,
+    })
+    .chain((0..4).map(|i| Entry::File {
+        path: format!("/{dir}/f{i}"),
+        mode: 0o644,
+        data: content(i),
+    }))
+    .collect();
+    image::build_oci_layout(
+        layout.path(),
+        "1",
+        &[image::Layer::Entries(entries)],
+        &["/bin/sh"],
+    );
+    let src = registry.push_oci_layout(layout.path(), "1", &format!("{dir}/src"));
+    let dst = registry.reference(&format!("{dir}/esgz"), "1");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rstargz"))
+        .args(["convert", "--plain-http", "--level", "1", &src, &dst])
+        .output()
+        .expect("run rstargz convert");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    dst
+}
+
+#[test]
+fn concurrent_first_pulls_share_one_fuse_mount() {
+    // The daemon's FUSE mount is made by the first remote layer; pulls that
+    // arrive together must not each make (and then tear down) their own.
+    support::require_prerequisites();
+    let mut registry = Registry::start();
+    let refs: Vec<String> = (0..4)
+        .map(|i| small_image(&mut registry, &format!("c{i}")))
+        .collect();
+    let daemon = Daemon::start();
+    let ctrd = Containerd::start(ContainerdOptions {
+        stargz_proxy: Some(daemon.address.clone()),
+    });
+    let ctr = CtrHandle::of(&ctrd);
+    std::thread::scope(|s| {
+        for r in &refs {
+            let ctr = &ctr;
+            s.spawn(move || {
+                let mut cmd = std::process::Command::new("ctr-remote");
+                cmd.arg("--address")
+                    .arg(&ctr.address)
+                    .arg("--namespace")
+                    .arg(&ctr.namespace)
+                    .args([
+                        "images",
+                        "rpull",
+                        "--plain-http",
+                        "--snapshotter",
+                        "stargz",
+                        r,
+                    ]);
+                support::proc::run_ok(&mut cmd, Duration::from_secs(120))
+                    .unwrap_or_else(|e| panic!("rpull {r}: {e}"));
+            });
+        }
+    });
+    let fuse = daemon.root.join("fuse");
+    let stacked = support::proc::mounts_under(daemon.dir())
+        .into_iter()
+        .filter(|m| *m == fuse)
+        .count();
+    assert_eq!(stacked, 1, "FUSE mounts at {}", fuse.display());
+    let mounts = daemon.mounts();
+    assert_eq!(mounts.len(), refs.len(), "{mounts:?}");
+    for i in 0..refs.len() {
+        let m = mounts
+            .iter()
+            .find(|m| m.join(format!("c{i}/f0")).exists())
+            .unwrap_or_else(|| panic!("no mount holds /c{i}: {mounts:?}"));
+        for f in 0..4 {
+            let got = std::fs::read(m.join(format!("c{i}/f{f}"))).unwrap();
+            assert!(got == content(f), "/c{i}/f{f}");
+        }
+    }
+}

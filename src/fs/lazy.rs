@@ -156,6 +156,9 @@ pub struct LazyFs {
     mounts: Mutex<HashMap<PathBuf, Mounted>>,
     /// The single FUSE mount, made on first use.
     mux: Mutex<Option<Arc<MuxMount>>>,
+    /// Held while the mount is made: two first mounts at once must not both
+    /// mount (or both take the parked connection over).
+    mux_init: tokio::sync::Mutex<()>,
     mux_dir: PathBuf,
     slots: Arc<Mutex<SlotTable>>,
     tails: TailCache,
@@ -216,6 +219,7 @@ impl LazyFs {
             rt,
             mounts: Mutex::new(HashMap::new()),
             mux: Mutex::new(None),
+            mux_init: tokio::sync::Mutex::new(()),
             mux_dir: root.join("fuse"),
             slots: Arc::new(Mutex::new(slots)),
             tails: TailCache::new(tail_cache::default_dir(root), TAIL_CACHE_BYTES),
@@ -528,6 +532,10 @@ impl LazyFs {
         if let Some(m) = self.mux.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             return Ok(Some(m));
         }
+        let _making = self.mux_init.lock().await;
+        if let Some(m) = self.mux.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            return Ok(Some(m));
+        }
         let dir = self.mux_dir.clone();
         let opts = MountOptions {
             fsname: "rstargz".into(),
@@ -580,10 +588,8 @@ impl LazyFs {
         .map_err(|e| RemoteError::new(format!("mount task failed: {e}")))?
         .map_err(|e| RemoteError::new(format!("FUSE mount at {}: {e}", self.mux_dir.display())))?;
         let Some(made) = made else { return Ok(None) };
-        let mut slot = self.mux.lock().unwrap_or_else(|e| e.into_inner());
-        // Two first mounts raced: keep the one stored first (the other
-        // unmounts when dropped, off the lock).
-        let m = slot.get_or_insert_with(|| Arc::new(made)).clone();
+        let m = Arc::new(made);
+        *self.mux.lock().unwrap_or_else(|e| e.into_inner()) = Some(m.clone());
         Ok(Some(m))
     }
 
