@@ -199,6 +199,27 @@ fn expect_content(r: Result<String, String>, i: usize, when: &str) {
     }
 }
 
+/// A new container from the image reads file `i`.
+fn new_container_reads(s: &Stack, i: usize) {
+    let out = s.ctrd.run(
+        &["--rm"],
+        "stargz",
+        &s.reference,
+        &support::unique_name("new"),
+        &["cat", &path(i)],
+    );
+    assert!(
+        out.stdout.as_bytes() == content(i).as_slice(),
+        "new container read {} bytes of {}, want {}: {:?}… stderr {:?}\n{}",
+        out.stdout.len(),
+        path(i),
+        content(i).len(),
+        &out.stdout[..out.stdout.len().min(80)],
+        out.stderr,
+        s.daemon.log_tail()
+    );
+}
+
 fn stop_container(s: &Stack, id: &str) {
     let _ = s.ctrd.try_ctr(
         &["tasks", "kill", "--signal", "SIGKILL", id],
@@ -287,22 +308,7 @@ fn a_running_container_reads_before_during_and_after_daemon_restarts() {
     // After: the running container and a new one both read.
     s.ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
     expect_content(exec_cat(&s, &id, &path(4)).recv().unwrap(), 4, "after");
-    let out = s.ctrd.run(
-        &["--rm"],
-        "stargz",
-        &s.reference,
-        &support::unique_name("new"),
-        &["cat", &path(5)],
-    );
-    assert!(
-        out.stdout.as_bytes() == content(5).as_slice(),
-        "new container read {} bytes, want {}: {:?}… stderr {:?}\n{}",
-        out.stdout.len(),
-        content(5).len(),
-        &out.stdout[..out.stdout.len().min(80)],
-        out.stderr,
-        s.daemon.log_tail()
-    );
+    new_container_reads(&s, 5);
     assert_eq!(s.daemon.holder_pid(), Some(holder));
     stop_container(&s, &id);
 }
@@ -334,17 +340,7 @@ fn an_orphaned_connection_fails_reads_after_the_grace_period_instead_of_hanging(
     // The next daemon mounts afresh and new containers work.
     s.daemon.start_again();
     s.ctrd.wait_snapshotter("stargz", Duration::from_secs(60));
-    let out = s.ctrd.run(
-        &["--rm"],
-        "stargz",
-        &s.reference,
-        &support::unique_name("new"),
-        &["cat", &path(2)],
-    );
-    assert!(
-        out.stdout.as_bytes() == content(2).as_slice(),
-        "new container"
-    );
+    new_container_reads(&s, 2);
     stop_container(&s, &id);
 }
 
@@ -398,9 +394,8 @@ fn a_holder_killed_under_a_live_daemon_is_replaced() {
     stop_container(&s, &id);
 }
 
-/// A one-layer image of `files` small files under `/<dir>`, converted.
+/// A one-layer image of 4 small files under `/<dir>`, converted.
 fn small_image(registry: &mut Registry, dir: &str) -> String {
-    let layout = support::temp_dir("layout");
     let entries: Vec<Entry> = std::iter::once(Entry::Dir {
         path: format!("/{dir}"),
         mode: 0o755,
@@ -411,20 +406,7 @@ fn small_image(registry: &mut Registry, dir: &str) -> String {
         data: content(i),
     }))
     .collect();
-    image::build_oci_layout(
-        layout.path(),
-        "1",
-        &[image::Layer::Entries(entries)],
-        &["/bin/sh"],
-    );
-    let src = registry.push_oci_layout(layout.path(), "1", &format!("{dir}/src"));
-    let dst = registry.reference(&format!("{dir}/esgz"), "1");
-    let o = std::process::Command::new(env!("CARGO_BIN_EXE_rstargz"))
-        .args(["convert", "--plain-http", "--level", "1", &src, &dst])
-        .output()
-        .expect("run rstargz convert");
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    dst
+    image::push_estargz_layers(registry, dir, vec![image::Layer::Entries(entries)], &[])
 }
 
 #[test]

@@ -340,14 +340,26 @@ pub fn push_estargz(
     top: Vec<Entry>,
     extra: &[&str],
 ) -> String {
-    let layout = super::temp_dir("layout");
     let rootfs = super::rootfs::debian_rootfs();
-    build_oci_layout(
-        layout.path(),
-        "1",
-        &[Layer::TarFile(rootfs.path.clone()), Layer::Entries(top)],
-        &["/bin/sh"],
-    );
+    push_estargz_layers(
+        registry,
+        name,
+        vec![Layer::TarFile(rootfs.path.clone()), Layer::Entries(top)],
+        extra,
+    )
+}
+
+/// Builds an image of `layers`, pushes it as `<name>/src:1` and converts
+/// it with `rstargz convert` (plus `extra` flags) to `<name>/esgz:1`;
+/// returns the converted reference.
+pub fn push_estargz_layers(
+    registry: &mut super::registry::Registry,
+    name: &str,
+    layers: Vec<Layer>,
+    extra: &[&str],
+) -> String {
+    let layout = super::temp_dir("layout");
+    build_oci_layout(layout.path(), "1", &layers, &["/bin/sh"]);
     let src = registry.push_oci_layout(layout.path(), "1", &format!("{name}/src"));
     let dst = registry.reference(&format!("{name}/esgz"), "1");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_rstargz"))

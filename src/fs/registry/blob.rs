@@ -30,14 +30,12 @@ use url::Url;
 
 use super::RangeFetcher;
 use super::client::{
-    Failure, RegistryClient, Sent, Target, content_length, header_str, host_port, one_header,
-    read_body, redirect_location, status_failure,
+    Failure, RegistryClient, Sent, Target, content_length, content_range, header_str, host_port,
+    one_header, read_body, redirect_location, status_failure,
 };
 use super::config::{Capability, Endpoint};
 use super::error::RegistryError;
-use super::range::{
-    Part, merge_ranges, multipart_boundary, parse_content_range, parse_multipart, range_header,
-};
+use super::range::{Part, merge_ranges, multipart_boundary, parse_multipart, range_header};
 use super::reference::{Reference, validate_digest};
 
 /// Where blob bytes come from.
@@ -201,11 +199,7 @@ impl Blob {
                 if multipart_boundary(ct).is_some() {
                     return Ok(None);
                 }
-                let cr = header_str(&sent.resp, "content-range")
-                    .ok_or_else(|| {
-                        RegistryError::ProtocolViolation("206 without Content-Range".into())
-                    })
-                    .and_then(parse_content_range)?;
+                let cr = content_range(&sent.resp)?;
                 let (Some(range), Some(size)) = (cr.range, cr.complete) else {
                     return Ok(None);
                 };
@@ -334,11 +328,7 @@ impl Blob {
                 .await?;
             match sent.resp.status().as_u16() {
                 206 => {
-                    let cr = header_str(&sent.resp, "content-range")
-                        .ok_or_else(|| {
-                            RegistryError::ProtocolViolation("206 without Content-Range".into())
-                        })
-                        .and_then(parse_content_range)?;
+                    let cr = content_range(&sent.resp)?;
                     match (cr.range, cr.complete) {
                         (Some(Range { start: 0, end: 1 }), Some(total)) => Ok(total),
                         _ => Err(RegistryError::ProtocolViolation(
@@ -749,11 +739,7 @@ impl Blob {
                 if multipart_boundary(ct).is_some() {
                     return Ok(None);
                 }
-                let cr = header_str(&sent.resp, "content-range")
-                    .ok_or_else(|| {
-                        RegistryError::ProtocolViolation("206 without Content-Range".into())
-                    })
-                    .and_then(parse_content_range)?;
+                let cr = content_range(&sent.resp)?;
                 let exact = cr.range.as_ref() == Some(span)
                     && cr.complete.is_none_or(|c| c == size)
                     && content_length(&sent.resp).is_none_or(|l| l == span.end - span.start);
@@ -782,9 +768,7 @@ impl Blob {
             let body = read_body(sent, None, limit).await?;
             parse_multipart(&body, &boundary)?
         } else {
-            let cr = header_str(&sent.resp, "content-range")
-                .ok_or_else(|| RegistryError::ProtocolViolation("206 without Content-Range".into()))
-                .and_then(parse_content_range)?;
+            let cr = content_range(&sent.resp)?;
             let range = cr.range.ok_or_else(|| {
                 RegistryError::ProtocolViolation("206 with unsatisfied Content-Range".into())
             })?;

@@ -21,6 +21,7 @@ use super::auth::{AuthCache, Challenge, basic_header, fetch_token, parse_challen
 use super::config::{Endpoint, RegistryConfig};
 use super::credentials::{Credential, CredentialStore, docker_config_dir};
 use super::error::RegistryError;
+use super::range::{ContentRange, parse_content_range};
 use super::retry::{RetryPolicy, parse_retry_after};
 
 /// A failed attempt, with the server's `Retry-After` if it sent one.
@@ -517,6 +518,13 @@ pub(crate) fn status_failure(resp: &Response, what: &str) -> Failure {
 /// A header value as text.
 pub(crate) fn header_str<'a>(resp: &'a Response, name: &str) -> Option<&'a str> {
     resp.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+/// The `Content-Range` a 206 must carry, parsed.
+pub(crate) fn content_range(resp: &Response) -> Result<ContentRange, RegistryError> {
+    header_str(resp, "content-range")
+        .ok_or_else(|| RegistryError::ProtocolViolation("206 without Content-Range".into()))
+        .and_then(parse_content_range)
 }
 
 /// `Content-Length`, parsed strictly.
