@@ -18,6 +18,18 @@ use super::{HandoverError, KernelInit};
 
 /// Largest message; real ones are a few hundred bytes.
 pub(super) const MAX_MESSAGE: usize = 4096;
+/// How long one send or receive may block: a peer that connects and goes
+/// silent must not wedge the single-threaded holder, nor a holder that
+/// stopped answering the daemon's start.
+const IO_TIMEOUT_SECS: i64 = 5;
+
+fn with_timeouts(fd: OwnedFd) -> Result<OwnedFd, HandoverError> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let t = nix::sys::time::TimeVal::new(IO_TIMEOUT_SECS, 0);
+    setsockopt(&fd, sockopt::ReceiveTimeout, &t).map_err(sock_err("receive timeout"))?;
+    setsockopt(&fd, sockopt::SendTimeout, &t).map_err(sock_err("send timeout"))?;
+    Ok(fd)
+}
 
 /// Daemon → holder.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,7 +101,7 @@ pub(super) fn connect_to(path: &Path) -> Result<Option<OwnedFd>, HandoverError> 
     let fd = seqpacket()?;
     let addr = UnixAddr::new(path).map_err(sock_err("socket path"))?;
     match connect(fd.as_raw_fd(), &addr) {
-        Ok(()) => Ok(Some(fd)),
+        Ok(()) => with_timeouts(fd).map(Some),
         Err(nix::Error::ENOENT | nix::Error::ECONNREFUSED) => Ok(None),
         Err(e) => Err(sock_err("connect")(e)),
     }
@@ -98,7 +110,7 @@ pub(super) fn connect_to(path: &Path) -> Result<Option<OwnedFd>, HandoverError> 
 pub(super) fn accept(listener: BorrowedFd<'_>) -> Result<OwnedFd, HandoverError> {
     let raw = accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC).map_err(sock_err("accept"))?;
     // SAFETY: accept4 returned a new descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    with_timeouts(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Sends one message, with `fd` attached when given.
@@ -230,6 +242,23 @@ mod tests {
         assert!(fd.is_none());
         drop(a);
         assert!(recv::<Request>(b.as_fd()).unwrap().is_none(), "EOF");
+    }
+
+    #[test]
+    fn a_silent_peer_times_out_instead_of_blocking() {
+        let d = tempfile::tempdir().unwrap();
+        let sock = d.path().join("s.sock");
+        let listener = listen_at(&sock).unwrap();
+        let _silent = connect_to(&sock).unwrap().unwrap();
+        let conn = accept(listener.as_fd()).unwrap();
+        let t = std::time::Instant::now();
+        let e = recv::<Request>(conn.as_fd()).unwrap_err();
+        assert!(matches!(e, HandoverError::Socket { .. }), "{e}");
+        let took = t.elapsed();
+        assert!(
+            took >= std::time::Duration::from_secs(4) && took < std::time::Duration::from_secs(30),
+            "{took:?}"
+        );
     }
 
     #[test]
