@@ -484,34 +484,50 @@ impl Snapshotter {
     }
 
     /// Remounts every snapshot labelled remote: `check` first, `mount` if
-    /// the check fails. Failures are logged, not fatal.
+    /// the check fails. Failures are logged, not fatal. Up to
+    /// [`RESTORE_CONCURRENCY`] layers at once: while a FUSE connection taken
+    /// over from a previous daemon waits for them, running containers' reads
+    /// wait too.
     pub async fn restore_remote(self: &Arc<Self>) -> Result<()> {
         let s = self.clone();
         let records = blocking(move || s.records()).await?;
+        let mut tasks = tokio::task::JoinSet::new();
         for (name, r) in records {
             if !r.labels.contains_key(REMOTE_LABEL) {
                 continue;
             }
             self.remote_layers().insert(r.id, r.labels.clone());
-            let fs = self.layout.fs(r.id);
-            if self.remote.check(&fs, &r.labels).await.is_ok() {
-                continue;
+            while tasks.len() >= RESTORE_CONCURRENCY {
+                let _ = tasks.join_next().await;
             }
-            // A stale mount from the previous process may still be there.
-            let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
-            match self.remote.mount(&fs, &r.labels).await {
-                Ok(()) => tracing::info!(snapshot = %name, "remote snapshot restored"),
-                Err(e) => tracing::warn!(
-                    snapshot = %name,
-                    path = %fs.display(),
-                    reason = %e,
-                    "failed to restore remote snapshot"
-                ),
-            }
+            let s = self.clone();
+            tasks.spawn(async move { s.restore_one(&name, r.id, &r.labels).await });
         }
+        while tasks.join_next().await.is_some() {}
         Ok(())
     }
+
+    async fn restore_one(&self, name: &str, id: u64, labels: &BTreeMap<String, String>) {
+        let fs = self.layout.fs(id);
+        if self.remote.check(&fs, labels).await.is_ok() {
+            return;
+        }
+        // A stale mount from the previous process may still be there.
+        let _ = nix::mount::umount2(&fs, nix::mount::MntFlags::MNT_DETACH);
+        match self.remote.mount(&fs, labels).await {
+            Ok(()) => tracing::info!(snapshot = %name, "remote snapshot restored"),
+            Err(e) => tracing::warn!(
+                snapshot = %name,
+                path = %fs.display(),
+                reason = %e,
+                "failed to restore remote snapshot"
+            ),
+        }
+    }
 }
+
+/// Remote layers reopened at once on start.
+pub(crate) const RESTORE_CONCURRENCY: usize = 4;
 
 fn target_exists(target: &str) -> Error {
     Error::AlreadyExists(format!("target snapshot {target:?}"))

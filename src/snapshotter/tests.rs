@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 
-use super::core::{CrashPoint, Snapshotter};
+use super::core::{CrashPoint, RESTORE_CONCURRENCY, Snapshotter};
 use super::error::Error;
 use super::metadata::Kind;
 use super::remote::{NoRemote, REMOTE_LABEL, RemoteError, RemoteFs, TARGET_REF_LABEL};
@@ -317,4 +317,72 @@ fn list_filters_through_the_snapshotter() {
         sn.list(&["name==".to_string()]),
         Err(Error::InvalidArgument(_))
     ));
+}
+
+/// A remote that takes a while to mount and counts how many mounts run at
+/// once (nothing is really mounted).
+#[derive(Default)]
+struct SlowRemote {
+    mounted: Mutex<HashSet<PathBuf>>,
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait]
+impl RemoteFs for SlowRemote {
+    async fn mount(
+        &self,
+        mp: &Path,
+        _labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let n = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(n, SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        self.now.fetch_sub(1, SeqCst);
+        self.mounted.lock().unwrap().insert(mp.to_path_buf());
+        Ok(())
+    }
+
+    async fn check(
+        &self,
+        mp: &Path,
+        _labels: &BTreeMap<String, String>,
+    ) -> Result<(), RemoteError> {
+        if self.mounted.lock().unwrap().contains(mp) {
+            Ok(())
+        } else {
+            Err(RemoteError::new("not mounted"))
+        }
+    }
+
+    async fn unmount(&self, mp: &Path) -> Result<(), RemoteError> {
+        self.mounted.lock().unwrap().remove(mp);
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_layers_are_restored_a_few_at_a_time() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().join("root");
+    let first = Arc::new(SlowRemote::default());
+    let sn = Snapshotter::open(&root, first.clone()).await.unwrap();
+    for i in 0..10 {
+        let l = labels(&[(TARGET_REF_LABEL, &format!("sha256:chain{i}"))]);
+        let e = sn
+            .prepare(format!("extract-{i}"), String::new(), l)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::AlreadyExists(_)), "remote: {e}");
+    }
+    drop(sn);
+    // A new process: every layer is mounted again, several at once but
+    // never more than the bound.
+    let again = Arc::new(SlowRemote::default());
+    let _sn = Snapshotter::open(&root, again.clone()).await.unwrap();
+    assert_eq!(again.mounted.lock().unwrap().len(), 10);
+    let most = again.most.load(SeqCst);
+    assert!((2..=RESTORE_CONCURRENCY).contains(&most), "{most} at once");
 }
