@@ -199,6 +199,14 @@ fn expect_content(r: Result<String, String>, i: usize, when: &str) {
     }
 }
 
+/// A long-running container that has read file 0, and the holder's pid.
+fn running_after_a_first_read(s: &Stack) -> (String, u32) {
+    let id = start_long_running(s);
+    let holder = s.daemon.holder_pid().expect("a FUSE holder runs");
+    expect_content(exec_cat(s, &id, &path(0)).recv().unwrap(), 0, "before");
+    (id, holder)
+}
+
 /// A new container from the image reads file `i`.
 fn new_container_reads(s: &Stack, i: usize) {
     let out = s.ctrd.run(
@@ -238,11 +246,8 @@ fn stop_container(s: &Stack, id: &str) {
 #[test]
 fn a_running_container_reads_before_during_and_after_daemon_restarts() {
     let mut s = stack(120);
-    let id = start_long_running(&s);
-    let holder = s.daemon.holder_pid().expect("a FUSE holder runs");
-
     // Before: a first read through the lazily mounted layer.
-    expect_content(exec_cat(&s, &id, &path(0)).recv().unwrap(), 0, "before");
+    let (id, holder) = running_after_a_first_read(&s);
 
     // During: the daemon is dead. The read waits in the kernel instead of
     // failing, and completes once a new daemon has taken over.
@@ -316,9 +321,7 @@ fn a_running_container_reads_before_during_and_after_daemon_restarts() {
 #[test]
 fn an_orphaned_connection_fails_reads_after_the_grace_period_instead_of_hanging() {
     let mut s = stack(3);
-    let id = start_long_running(&s);
-    let holder = s.daemon.holder_pid().expect("a FUSE holder runs");
-    expect_content(exec_cat(&s, &id, &path(0)).recv().unwrap(), 0, "before");
+    let (id, holder) = running_after_a_first_read(&s);
 
     s.daemon.kill9();
     let t = Instant::now();

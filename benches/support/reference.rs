@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use crate::support::proc::{self, Server};
-use crate::support::{temp_dir, wait_for};
+use crate::support::temp_dir;
 
 pub struct Reference {
     binary: PathBuf,
@@ -55,23 +55,8 @@ impl Reference {
             .arg(&self.config)
             .args(["-log-level", "info"]);
         let log = self.dir.path().join("containerd-stargz-grpc.log");
-        let mut server = Server::spawn("containerd-stargz-grpc", &mut cmd, &log);
-        let up = wait_for(Duration::from_secs(30), || {
-            if server.exited().is_some() {
-                return Some(false);
-            }
-            std::os::unix::net::UnixStream::connect(&self.address)
-                .ok()
-                .map(|_| true)
-        });
-        if up != Some(true) {
-            panic!(
-                "{} did not listen on {}; log:\n{}",
-                self.binary.display(),
-                self.address.display(),
-                server.log_tail(8000)
-            );
-        }
+        let server =
+            Server::spawn_listening("containerd-stargz-grpc", &mut cmd, &log, &self.address);
         self.server = Some(server);
     }
 

@@ -93,6 +93,15 @@ fn crash_at_every_step_leaves_a_consistent_store() {
     );
 }
 
+/// What the fake remotes' `check` answers: mounted by this instance or not.
+fn is_mounted(mounted: &Mutex<HashSet<PathBuf>>, mp: &Path) -> Result<(), RemoteError> {
+    if mounted.lock().unwrap().contains(mp) {
+        Ok(())
+    } else {
+        Err(RemoteError::new("not mounted"))
+    }
+}
+
 /// Bind-mounts a prepared directory as the "remote" layer.
 struct BindRemote {
     source: PathBuf,
@@ -129,11 +138,7 @@ impl RemoteFs for BindRemote {
         mp: &Path,
         _labels: &BTreeMap<String, String>,
     ) -> Result<(), RemoteError> {
-        if self.mounted.lock().unwrap().contains(mp) {
-            Ok(())
-        } else {
-            Err(RemoteError::new("not mounted"))
-        }
+        is_mounted(&self.mounted, mp)
     }
 
     async fn unmount(&self, mp: &Path) -> Result<(), RemoteError> {
@@ -349,11 +354,7 @@ impl RemoteFs for SlowRemote {
         mp: &Path,
         _labels: &BTreeMap<String, String>,
     ) -> Result<(), RemoteError> {
-        if self.mounted.lock().unwrap().contains(mp) {
-            Ok(())
-        } else {
-            Err(RemoteError::new("not mounted"))
-        }
+        is_mounted(&self.mounted, mp)
     }
 
     async fn unmount(&self, mp: &Path) -> Result<(), RemoteError> {

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::proc::{self, Server};
-use super::{temp_dir, wait_for};
+use super::temp_dir;
 
 pub struct Daemon {
     /// The gRPC socket (`[proxy_plugins.stargz] address`).
@@ -55,22 +55,12 @@ impl Daemon {
             cmd.arg("--config").arg(c);
         }
         let log = self.dir.path().join("rstargz.log");
-        self.server = Some(Server::spawn("rstargz-grpc", &mut cmd, &log));
-        let up = wait_for(Duration::from_secs(30), || {
-            if self.server.as_mut().expect("server").exited().is_some() {
-                return Some(false);
-            }
-            std::os::unix::net::UnixStream::connect(&self.address)
-                .ok()
-                .map(|_| true)
-        });
-        if up != Some(true) {
-            panic!(
-                "rstargz-grpc did not listen on {}; log:\n{}",
-                self.address.display(),
-                self.log_tail()
-            );
-        }
+        self.server = Some(Server::spawn_listening(
+            "rstargz-grpc",
+            &mut cmd,
+            &log,
+            &self.address,
+        ));
     }
 
     /// Stops the daemon with SIGTERM (SIGKILL with `kill`), then starts it

@@ -136,6 +136,34 @@ impl Server {
         }
     }
 
+    /// [`Server::spawn`], then waits (30 s at most) until it accepts
+    /// connections on the unix socket `socket`; panics with its log if it
+    /// exits or never listens.
+    pub fn spawn_listening(
+        name: &'static str,
+        cmd: &mut Command,
+        log: &Path,
+        socket: &Path,
+    ) -> Server {
+        let mut server = Server::spawn(name, cmd, log);
+        let up = super::wait_for(Duration::from_secs(30), || {
+            if server.exited().is_some() {
+                return Some(false);
+            }
+            std::os::unix::net::UnixStream::connect(socket)
+                .ok()
+                .map(|_| true)
+        });
+        if up != Some(true) {
+            panic!(
+                "{name} did not listen on {}; log:\n{}",
+                socket.display(),
+                server.log_tail(8000)
+            );
+        }
+        server
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
